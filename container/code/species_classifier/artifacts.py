@@ -1,0 +1,103 @@
+"""The model bundle in /opt/ml/model: what training writes and serving loads.
+
+Layout:
+    model.json      description: classes in label order, input size, normalisation,
+                    architecture, members (one weights file each) and how it was trained
+    fold-1.pt ...   state_dicts, loadable with torch.load(..., weights_only=True)
+
+The bundle is self-describing: the predictor builds its preprocessing from model.json, so
+there is no second copy of the constants that could drift from training.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from species_classifier.imaging import IMAGENET_MEAN, IMAGENET_STD
+from species_classifier.model import ARCHITECTURE, build_model
+
+DESCRIPTION_FILE = "model.json"
+FORMAT_VERSION = 1
+
+
+class BundleError(ValueError):
+    """The model folder does not hold a usable bundle; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class Member:
+    """One network of the ensemble: a fold model, or the model refit on all data."""
+
+    name: str
+    weights_file: str
+    val_macro_f1: float | None = None
+
+
+@dataclass(frozen=True)
+class BundleDescription:
+    classes: list[str]
+    img_size: int
+    members: list[Member]
+    architecture: str = ARCHITECTURE
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    resize: str = "squash to img_size x img_size, bilinear, after EXIF orientation"
+    ensemble: str = "mean of the members' softmax probabilities"
+    training: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+
+def write_bundle(
+    model_dir: Path, description: BundleDescription, state_dicts: dict[str, dict]
+) -> None:
+    """Write the weights of every member (keyed by member name) and model.json last."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    for member in description.members:
+        cpu_state = {k: v.detach().cpu() for k, v in state_dicts[member.name].items()}
+        torch.save(cpu_state, model_dir / member.weights_file)
+    # model.json goes last: a bundle with a description has all its weights.
+    (model_dir / DESCRIPTION_FILE).write_text(json.dumps(asdict(description), indent=2) + "\n")
+
+
+def read_description(model_dir: Path) -> BundleDescription:
+    path = model_dir / DESCRIPTION_FILE
+    if not path.is_file():
+        raise BundleError(
+            f"no {DESCRIPTION_FILE} in {model_dir}: point the server at the model folder "
+            "that training wrote (SageMaker unpacks model.tar.gz into /opt/ml/model)"
+        )
+    try:
+        raw = json.loads(path.read_text())
+        members = [Member(**m) for m in raw.pop("members")]
+        raw["mean"], raw["std"] = tuple(raw["mean"]), tuple(raw["std"])
+        description = BundleDescription(members=members, **raw)
+    except (ValueError, KeyError, TypeError) as error:
+        raise BundleError(f"{path} is not a valid model description: {error}") from None
+    if description.format_version != FORMAT_VERSION:
+        raise BundleError(
+            f"{path} has format_version {description.format_version}; this image reads "
+            f"version {FORMAT_VERSION}: serve it with the image that trained it"
+        )
+    if description.architecture != ARCHITECTURE or not description.members:
+        raise BundleError(f"{path} describes no {ARCHITECTURE} members")
+    return description
+
+
+def load_members(model_dir: Path, description: BundleDescription) -> list[torch.nn.Module]:
+    """Every member network, weights loaded, in eval mode on the CPU."""
+    networks = []
+    for member in description.members:
+        weights = model_dir / member.weights_file
+        if not weights.is_file():
+            raise BundleError(f"{weights} is named in {DESCRIPTION_FILE} but missing")
+        network = build_model(len(description.classes), pretrained=False)
+        try:
+            network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        except (RuntimeError, OSError, ValueError) as error:
+            raise BundleError(f"{weights} does not load: {str(error)[:300]}") from None
+        networks.append(network.eval())
+    return networks
