@@ -1,0 +1,257 @@
+"""The training engine: one fold, epoch by epoch, with no file I/O of its own.
+
+What makes it fast: photos are uint8 tensors already in memory (GPU memory when they
+fit, pinned host memory otherwise), each batch is augmented on the device in one warp,
+the model runs in bf16 (fp16 with a gradient scaler on GPUs without bf16, fp32 on CPU)
+and channels_last, the optimiser is fused, and losses stay on the device until the
+epoch ends so the GPU never waits for the host.
+
+What makes it resumable: every random draw of an epoch (shuffle, augmentation, dropout)
+comes from a seed derived from (seed, fold, epoch), so a fold restarted from the state
+after epoch e continues exactly as if it had never stopped. The caller receives that
+state after every epoch (`on_epoch_end`) and decides where it goes.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import f1_score
+from torch import nn
+
+from species_classifier.augment import augment
+from species_classifier.config import TrainingConfig
+from species_classifier.imaging import normalize
+from species_classifier.model import parameter_groups, reset_head
+
+_log = logging.getLogger(__name__)
+
+LR_PATIENCE = 3
+LR_FACTOR = 0.5
+VALIDATION_BATCH_FACTOR = 4
+
+
+def choose_precision(requested: str, device: torch.device) -> str:
+    """bf16 where the GPU has it, fp16 (with a gradient scaler) on older GPUs, fp32 on CPU."""
+    if device.type != "cuda":
+        return "fp32"
+    if requested != "auto":
+        return requested
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def epoch_seed(seed: int, fold: int, epoch: int) -> int:
+    return (seed * 1_000_003 + fold * 10_007 + epoch) % 2**63
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_macro_f1: float
+    val_accuracy: float
+    learning_rate: float
+    seconds: float
+    img_per_s: float
+
+
+@dataclass
+class FoldState:
+    """Everything needed to continue a fold exactly: written after every epoch."""
+
+    fold: int
+    epoch: int = 0
+    model: dict = field(default_factory=dict)
+    optimizer: dict = field(default_factory=dict)
+    scheduler: dict = field(default_factory=dict)
+    scaler: dict = field(default_factory=dict)
+    best_macro_f1: float = -1.0
+    best_epoch: int = 0
+    best_model: dict = field(default_factory=dict)
+    best_val_probs: torch.Tensor | None = None
+    epochs_without_improvement: int = 0
+    history: list[EpochRecord] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class FoldData:
+    pixels: torch.Tensor  # the whole photo cache, uint8 NHWC, on its storage device
+    labels: torch.Tensor  # int64, same order, on the CPU
+    train_index: np.ndarray
+    val_index: np.ndarray
+
+
+class TrainingStopped(Exception):
+    """Training was asked to stop (SIGTERM); the last completed epoch is checkpointed."""
+
+
+class FoldTrainer:
+    """Trains one model, fold after fold; the (possibly compiled) network is built once."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainingConfig,
+        device: torch.device,
+        num_classes: int,
+    ) -> None:
+        self.config = config
+        self.device = device
+        self.num_classes = num_classes
+        self.precision = choose_precision(config.precision, device)
+        memory_format = torch.channels_last if device.type == "cuda" else torch.preserve_format
+        self.model = model.to(device, memory_format=memory_format)
+        self.initial_state = copy.deepcopy(self.model.state_dict())
+        self.forward = torch.compile(self.model) if config.compile else self.model
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def run(
+        self,
+        data: FoldData,
+        state: FoldState,
+        on_epoch_end: Callable[[FoldState], None],
+        on_progress: Callable[[FoldState, EpochRecord], None] | None = None,
+    ) -> FoldState:
+        """Train `state.fold` from `state.epoch` until early stopping or num_epochs."""
+        config = self.config
+        train_labels = data.labels[data.train_index]
+        criterion = nn.CrossEntropyLoss(weight=self._class_weights(train_labels).to(self.device))
+        optimizer = torch.optim.Adam(
+            parameter_groups(self.model, config.learning_rate),
+            fused=self.device.type == "cuda",
+        )
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=LR_FACTOR, patience=LR_PATIENCE
+        )
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        if state.epoch == 0:
+            self.model.load_state_dict(self.initial_state)
+            torch.manual_seed(epoch_seed(config.seed, state.fold, 0))
+            reset_head(self.model)
+        else:
+            self.model.load_state_dict(state.model)
+            optimizer.load_state_dict(state.optimizer)
+            scheduler.load_state_dict(state.scheduler)
+            scaler.load_state_dict(state.scaler)
+
+        while (
+            state.epoch < config.num_epochs
+            and state.epochs_without_improvement < config.epoch_patience
+        ):
+            epoch = state.epoch + 1
+            started = time.perf_counter()
+            train_loss = self._train_epoch(data, criterion, optimizer, scaler, state.fold, epoch)
+            train_seconds = time.perf_counter() - started
+            val_loss, val_probs = self._validate(data, criterion)
+            val_labels = data.labels[data.val_index].numpy()
+            predicted = val_probs.argmax(1).numpy()
+            macro_f1 = float(f1_score(val_labels, predicted, average="macro", zero_division=0))
+            scheduler.step(macro_f1)
+            record = EpochRecord(
+                epoch=epoch,
+                train_loss=train_loss,
+                val_loss=val_loss,
+                val_macro_f1=macro_f1,
+                val_accuracy=float((predicted == val_labels).mean()),
+                learning_rate=optimizer.param_groups[2]["lr"],
+                seconds=time.perf_counter() - started,
+                img_per_s=len(data.train_index) / max(train_seconds, 1e-9),
+            )
+            state.history.append(record)
+            state.epoch = epoch
+            if macro_f1 > state.best_macro_f1:
+                state.best_macro_f1, state.best_epoch = macro_f1, epoch
+                state.best_model = _cpu_copy(self.model.state_dict())
+                state.best_val_probs = val_probs
+                state.epochs_without_improvement = 0
+            else:
+                state.epochs_without_improvement += 1
+            state.model = _cpu_copy(self.model.state_dict())
+            state.optimizer = optimizer.state_dict()
+            state.scheduler = scheduler.state_dict()
+            state.scaler = scaler.state_dict()
+            if on_progress is not None:
+                on_progress(state, record)
+            on_epoch_end(state)
+        return state
+
+    def _class_weights(self, train_labels: torch.Tensor) -> torch.Tensor:
+        """Balanced weights n / (classes * count), as scikit-learn's 'balanced' gives."""
+        counts = torch.bincount(train_labels, minlength=self.num_classes).clamp(min=1).float()
+        return len(train_labels) / (self.num_classes * counts)
+
+    def _batches(self, data: FoldData, index: np.ndarray, batch_size: int, order: torch.Tensor):
+        """Yield (uint8 pixels on the device, labels on the device) batch by batch."""
+        index_t = torch.as_tensor(index)[order]
+        pin = data.pixels.device.type == "cpu" and self.device.type == "cuda"
+        for start in range(0, len(index_t), batch_size):
+            rows = index_t[start : start + batch_size]
+            pixels = data.pixels[rows.to(data.pixels.device)]
+            if pin:
+                pixels = pixels.pin_memory()
+            yield (
+                pixels.to(self.device, non_blocking=True),
+                data.labels[rows].to(self.device, non_blocking=True),
+            )
+
+    def _train_epoch(self, data, criterion, optimizer, scaler, fold: int, epoch: int) -> float:
+        seed = epoch_seed(self.config.seed, fold, epoch)
+        generator = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)  # dropout
+        order = torch.randperm(len(data.train_index), generator=generator)
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        seen = 0
+        for pixels, labels in self._batches(data, data.train_index, self.config.batch_size, order):
+            inputs = normalize(augment(pixels, generator))
+            with self._autocast():
+                loss = criterion(self.forward(inputs), labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum += loss.detach() * len(labels)
+            seen += len(labels)
+        return float(loss_sum) / max(seen, 1)
+
+    @torch.inference_mode()
+    def _validate(self, data: FoldData, criterion) -> tuple[float, torch.Tensor]:
+        """Validation loss and float32 class probabilities (CPU) for the fold's val photos."""
+        self.model.eval()
+        batch_size = self.config.batch_size * VALIDATION_BATCH_FACTOR
+        order = torch.arange(len(data.val_index))
+        logits = []
+        for pixels, _ in self._batches(data, data.val_index, batch_size, order):
+            with self._autocast():
+                logits.append(self.forward(normalize(pixels)).float())
+        all_logits = torch.cat(logits)
+        labels = data.labels[data.val_index].to(self.device)
+        loss = float(criterion(all_logits, labels))
+        return loss, F.softmax(all_logits, dim=1).cpu()
+
+
+def _cpu_copy(state_dict: dict) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"

@@ -1,0 +1,70 @@
+"""Shared fixtures: a folder laid out like /opt/ml, and the real `train` run against it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from species_classifier.demo_data import DEMO_TARGETS, make_demo_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "container" / "train"
+
+# Small and fast on a 2-core CPU; individual tests override what they exercise.
+FAST_HYPERPARAMETERS = {
+    "target_species": ",".join(DEMO_TARGETS),
+    "k_folds": "3",
+    "num_epochs": "2",
+    "img_size": "48",
+    "batch_size": "8",
+    "pretrained": "false",
+}
+
+
+def write_hyperparameters(base: Path, hyperparameters: dict) -> None:
+    config = base / "input" / "config"
+    config.mkdir(parents=True, exist_ok=True)
+    (config / "hyperparameters.json").write_text(json.dumps(hyperparameters))
+
+
+def make_job(
+    base: Path, hyperparameters: dict | None = None, photos_per_species: int = 6, **demo
+) -> Path:
+    """An /opt/ml-like tree: generated photos in the training channel, string hyperparameters."""
+    make_demo_dataset(
+        base / "input" / "data" / "training", photos_per_species, photo_size=160, **demo
+    )
+    write_hyperparameters(base, {**FAST_HYPERPARAMETERS, **(hyperparameters or {})})
+    return base
+
+
+def train_env(base: Path, **extra: str) -> dict:
+    env = {**os.environ, "SAGEMAKER_BASE_DIR": str(base), "PYTHONUNBUFFERED": "1", **extra}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def run_train(base: Path, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
+    """The real container/train in a subprocess, as SageMaker would start it."""
+    return subprocess.run(
+        [str(TRAIN)], env=train_env(base, **env), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def failure_text(base: Path) -> str:
+    return (base / "output" / "failure").read_text()
+
+
+@pytest.fixture
+def job(tmp_path: Path):
+    """Factory: job(hyperparameters=..., photos_per_species=...) -> base folder."""
+
+    def factory(hyperparameters: dict | None = None, **kwargs) -> Path:
+        return make_job(tmp_path / "opt_ml", hyperparameters, **kwargs)
+
+    return factory

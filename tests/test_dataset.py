@@ -1,0 +1,99 @@
+"""CSV to labels and folds: the seed's method, and a specific error for each bad input."""
+
+import numpy as np
+import pytest
+
+from species_classifier.dataset import (
+    DatasetError,
+    check_class_sizes,
+    find_csv,
+    label_photos,
+    make_folds,
+    read_rows,
+)
+
+
+def write_csv(path, text):
+    path.write_text(text)
+    return path
+
+
+def rows_for(counts: dict[str, int]) -> list[tuple[str, str]]:
+    return [(name, f"{name}/{i}.jpg") for name, n in counts.items() for i in range(n)]
+
+
+def test_targets_keep_their_names_and_the_rest_is_other_in_sorted_order(tmp_path):
+    rows = rows_for({"Zenaida macroura": 3, "Acer rubrum": 2, "Quercus alba": 4, "Acer saccharum": 1})
+    photos = label_photos(rows, tmp_path, ("Zenaida macroura", "Acer rubrum"), False, 0.5, 42)
+    assert photos.classes == ["Acer rubrum", "Zenaida macroura", "other"]
+    assert photos.class_counts() == {"Acer rubrum": 2, "Zenaida macroura": 3, "other": 5}
+    assert photos.paths[0] == tmp_path / "Zenaida macroura/0.jpg"
+
+
+def test_downsampling_keeps_a_seeded_fraction_of_other_only(tmp_path):
+    rows = rows_for({"A": 10, "B": 40})
+    first = label_photos(rows, tmp_path, ("A",), True, 0.25, 7)
+    again = label_photos(rows, tmp_path, ("A",), True, 0.25, 7)
+    assert first.class_counts() == {"A": 10, "other": 10}
+    assert first.paths == again.paths
+
+
+def test_missing_target_names_the_closest_species(tmp_path):
+    rows = rows_for({"Acer rubrum": 3, "Acer saccharum": 3})
+    with pytest.raises(DatasetError, match=r"'Acer rubra' does not occur.*'Acer rubrum' \(3 photos\)"):
+        label_photos(rows, tmp_path, ("Acer rubra",), False, 0.5, 42)
+
+
+def test_missing_columns_and_blank_cells(tmp_path):
+    bad_header = write_csv(tmp_path / "a.csv", "species,image_name\nA,x.jpg\n")
+    with pytest.raises(DatasetError, match="lacks the column.*species_name.*it has"):
+        read_rows(bad_header)
+    blanks = write_csv(tmp_path / "b.csv", "species_name,image_name\nA,x.jpg\n,y.jpg\nB,\n")
+    with pytest.raises(DatasetError, match=r"2 row\(s\) with an empty.*lines 3, 4"):
+        read_rows(blanks)
+    bom = write_csv(tmp_path / "c.csv", "\ufeffspecies_name , image_name\n A , x.jpg \n")
+    assert read_rows(bom) == [("A", "x.jpg")]
+
+
+def test_csv_discovery(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        find_csv(tmp_path / "missing", None)
+    with pytest.raises(DatasetError, match="no CSV"):
+        find_csv(tmp_path, None)
+    write_csv(tmp_path / "one.csv", "")
+    assert find_csv(tmp_path, None).name == "one.csv"
+    write_csv(tmp_path / "two.csv", "")
+    with pytest.raises(DatasetError, match=r"several CSVs.*one.csv, two.csv.*csv_file"):
+        find_csv(tmp_path, None)
+    assert find_csv(tmp_path, "two.csv").name == "two.csv"
+    with pytest.raises(DatasetError, match="csv_file='nope.csv' is not in"):
+        find_csv(tmp_path, "nope.csv")
+
+
+def test_too_few_photos_for_the_folds_gives_the_counts(tmp_path):
+    photos = label_photos(rows_for({"A": 2, "B": 9}), tmp_path, ("A",), False, 0.5, 42)
+    check_class_sizes(photos, k_folds=2)
+    with pytest.raises(DatasetError, match=r"k_folds=3.*'A' has 2.*at least 3"):
+        check_class_sizes(photos, k_folds=3)
+    with pytest.raises(DatasetError, match=r"after leaving out 4 unreadable"):
+        check_class_sizes(photos, k_folds=3, unreadable=4)
+
+
+def test_folds_are_stratified_disjoint_and_seeded():
+    labels = np.array([0] * 30 + [1] * 12 + [2] * 9)
+    folds = make_folds(labels, 3, seed=42)
+    assert len(folds) == 3
+    validation = np.concatenate([val for _, val in folds])
+    assert sorted(validation.tolist()) == list(range(len(labels)))
+    for train, val in folds:
+        assert not set(train) & set(val)
+        assert np.bincount(labels[val]).tolist() == [10, 4, 3]
+    again = make_folds(labels, 3, seed=42)
+    assert all((a[1] == b[1]).all() for a, b in zip(folds, again, strict=True))
+
+
+def test_one_fold_is_a_stratified_70_30_holdout():
+    labels = np.array([0] * 70 + [1] * 30)
+    [(train, val)] = make_folds(labels, 1, seed=1)
+    assert len(val) == 30 and len(train) == 70
+    assert np.bincount(labels[val]).tolist() == [21, 9]

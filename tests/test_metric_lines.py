@@ -1,0 +1,30 @@
+"""The log-line format and the regexes SageMaker scrapes it with agree."""
+
+from species_classifier import metric_lines
+
+
+def test_every_epoch_metric_is_scraped_back():
+    line = metric_lines.epoch_line(2, 7, 0.41234, 0.381, 0.87125, 2711.4)
+    assert line == (
+        "fold=2 epoch=7 train_loss=0.4123 val_loss=0.3810 val_macro_f1=0.8712 img_per_s=2711"
+    )
+    scraped = metric_lines.scrape("2026-01-01 INFO " + line + " lr=1e-05 best=0.9@3")
+    assert scraped["train:loss"] == [0.4123]
+    assert scraped["validation:loss"] == [0.381]
+    assert scraped["validation:macro_f1"] == [0.8712]
+    assert scraped["train:images_per_second"] == [2711.0]
+    assert scraped["cv:mean_macro_f1"] == []
+
+
+def test_job_metrics_do_not_collide_with_epoch_metrics():
+    scraped = metric_lines.scrape(metric_lines.job_line(0.9, 0.01, 0.905))
+    assert scraped["cv:mean_macro_f1"] == [0.9]
+    assert scraped["cv:std_macro_f1"] == [0.01]
+    assert scraped["cv:oof_macro_f1"] == [0.905]
+    assert scraped["validation:macro_f1"] == []
+
+
+def test_definitions_fit_sagemaker_limits():
+    assert len(metric_lines.METRIC_DEFINITIONS) <= 40
+    for definition in metric_lines.METRIC_DEFINITIONS:
+        assert 1 <= len(definition["Name"]) <= 255 and 1 <= len(definition["Regex"]) <= 500
