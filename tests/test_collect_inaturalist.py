@@ -1,0 +1,548 @@
+"""scripts/collect_inaturalist.py against a local S3 (moto) holding a tiny open-data bucket.
+
+The bucket has the real layout (taxa/observations/photos .csv.gz at the root, tab-separated,
+unquoted; photos/<photo_id>/medium.<ext>) and small metadata built so that every selection
+rule shows in the counts: targets and look-alikes from the Maryland box, other species from
+the Baltimore box, a subspecies of a target, genus-level IDs, wrong grades, a disallowed
+licence, photos shared between observations, a second photo of an observation, a cap, and a
+photo that the metadata names but the bucket no longer holds.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import importlib.util
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+from botocore.exceptions import EndpointConnectionError
+from moto.server import ThreadedMotoServer
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "collect_inaturalist.py"
+TRAIN = REPO / "container" / "train"
+SOURCE = "inaturalist-open-data"
+TARGET = "my-training-data"
+
+TARGETS = ["Lycorma delicatula", "Zenaida macroura", "Acer rubrum", "Erigeron canadensis"]
+LOOKALIKES = ["Acer saccharum", "Acer saccharinum", "Acer platanoides"]
+ALLOWED_LICENSES = ["CC0", "CC-BY", "CC-BY-NC", "CC-BY-SA", "CC-BY-NC-SA"]
+QUOTED_NAME = "Solanum \"dulcamara\" 'var'"
+
+# What the CSV must hold, worked out by hand from the rows built in `open_data` below.
+EXPECTED_SPECIES = {
+    "Lycorma delicatula": 4,  # 5 in the box, capped at 4; needs_id and out-of-box rows ignored
+    "Zenaida macroura": 5,  # 5 + 1 of a subspecies, minus 1 photo missing from the bucket
+    "Acer rubrum": 5,  # one observation has two photos: only position 0 is kept
+    "Erigeron canadensis": 4,  # 5, minus 1 photo also attached to an observation in New York
+    "Acer saccharum": 3,
+    "Acer saccharinum": 3,
+    "Acer platanoides": 2,  # 3, minus 1 under CC-BY-NC-ND, which the settings leave out
+    "Quercus alba": 2,  # 3 in Baltimore (2 more outside it), minus 1 photo shared with Turdus
+    "Turdus migratorius": 1,  # 2, minus that shared photo
+    QUOTED_NAME: 1,
+}
+EXPECTED_CLASSES = {
+    "Lycorma delicatula": 4,
+    "Zenaida macroura": 5,
+    "Acer rubrum": 5,
+    "Erigeron canadensis": 4,
+    "other": 12,
+}
+SELECTED = sum(EXPECTED_SPECIES.values()) + 1  # the missing photo is selected, then left out
+DROPPED = (
+    "left out while selecting: beyond photos_per_observation 1, licence not allowed 1, "
+    "on more than one observation 3, over the cap of Lycorma delicatula 1"
+)
+
+MARYLAND = (38.98, -77.05)  # inside the species box, outside the Baltimore box
+BALTIMORE = (39.29, -76.61)  # inside both
+NEW_YORK = (40.71, -74.0)  # outside both
+
+TAXA = [
+    # taxon_id, ancestry, rank_level, rank, name
+    (101, "48460/1/2/3/101", 10, "species", "Lycorma delicatula"),
+    (102, "48460/1/2/4/102", 10, "species", "Zenaida macroura"),
+    (103, "48460/47126/5/110/103", 10, "species", "Acer rubrum"),
+    (104, "48460/47126/5/6/104", 10, "species", "Erigeron canadensis"),
+    (105, "48460/47126/5/110/105", 10, "species", "Acer saccharum"),
+    (106, "48460/47126/5/110/106", 10, "species", "Acer saccharinum"),
+    (107, "48460/47126/5/110/107", 10, "species", "Acer platanoides"),
+    (108, "48460/47126/5/7/108", 10, "species", "Quercus alba"),
+    (109, "48460/1/2/8/109", 10, "species", "Turdus migratorius"),
+    (110, "48460/47126/5", 20, "genus", "Acer"),
+    (111, "48460/1/2/4/102", 5, "subspecies", "Zenaida macroura carolinensis"),
+    (112, "48460/47126/5/9/112", 10, "species", QUOTED_NAME),
+]
+
+
+class OpenData:
+    """Rows of the three metadata files and the photo objects, built observation by observation."""
+
+    def __init__(self) -> None:
+        self.observations: list[list[object]] = []
+        self.photos: list[list[object]] = []
+        self.images: dict[str, bytes] = {}
+        self.next_photo_id = 123_456_000  # real ids are this large: the bitmap must grow
+        self.rng = np.random.default_rng(0)
+
+    def observe(self, taxon: int | str, where, grade: str = "research") -> str:
+        obs = str(uuid.uuid5(uuid.NAMESPACE_URL, f"obs-{len(self.observations)}"))
+        lat, lon = (f"{v:.10f}" for v in where) if where else ("", "")
+        self.observations.append(
+            [obs, 7000 + len(self.observations) % 5, lat, lon, 10, taxon, grade, "2024-05-01", 1.0]
+        )
+        return obs
+
+    def photo(self, obs: str, license: str = "CC-BY", extension: str = "jpg", position: int = 0,
+              photo_id: int | None = None, stored: bool = True) -> int:  # fmt: skip
+        if photo_id is None:
+            photo_id = self.next_photo_id = self.next_photo_id + 7
+        self.photos.append(
+            [uuid.uuid4(), photo_id, obs, 7000, extension, license, 500, 375, position]
+        )
+        if stored:
+            self.images[f"photos/{photo_id}/medium.{extension}"] = self._image(extension)
+        return photo_id
+
+    def add(self, taxon: int | str, where, grade: str = "research", **photo) -> int:
+        return self.photo(self.observe(taxon, where, grade), **photo)
+
+    def _image(self, extension: str) -> bytes:
+        pixels = self.rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG" if extension == "png" else "JPEG")
+        return buffer.getvalue()
+
+    def metadata(self) -> dict[str, bytes]:
+        return {
+            "taxa.csv.gz": _tsv(
+                ["taxon_id", "ancestry", "rank_level", "rank", "name", "active"],
+                [[*row, "true"] for row in TAXA],
+            ),
+            "observations.csv.gz": _tsv(
+                [
+                    "observation_uuid",
+                    "observer_id",
+                    "latitude",
+                    "longitude",
+                    "positional_accuracy",
+                    "taxon_id",
+                    "quality_grade",
+                    "observed_on",
+                    "anomaly_score",
+                ],
+                self.observations,
+            ),  # fmt: skip
+            "photos.csv.gz": _tsv(
+                [
+                    "photo_uuid",
+                    "photo_id",
+                    "observation_uuid",
+                    "observer_id",
+                    "extension",
+                    "license",
+                    "width",
+                    "height",
+                    "position",
+                ],
+                self.photos,
+            ),  # fmt: skip
+        }
+
+
+def _tsv(header: list[str], rows: list[list[object]]) -> bytes:
+    # Like the real files: tab-separated, no quoting at all (names keep their quotes).
+    lines = ["\t".join(header)] + ["\t".join(str(v) for v in row) for row in rows]
+    return gzip.compress(("\n".join(lines) + "\n").encode())
+
+
+def open_data() -> OpenData:
+    data = OpenData()
+    licenses = ["CC0", "CC-BY", "CC-BY-NC"]
+    # A photo first met on an observation outside every box, later on an Erigeron one.
+    shared_far = data.add(109, NEW_YORK)
+    for taxon in (101, 102, 103, 104):
+        for n in range(5):
+            where = BALTIMORE if n == 0 else MARYLAND
+            obs = data.observe(taxon, where)
+            if taxon == 103 and n == 1:
+                data.photo(obs, position=1)  # listed first, but position 0 comes first
+                data.photo(obs, position=0)
+            elif taxon == 104 and n == 1:
+                data.photo(obs, photo_id=shared_far)
+            elif taxon == 102 and n == 1:
+                data.photo(obs, stored=False)  # named in photos.csv, gone from the bucket
+            else:
+                data.photo(obs, license=licenses[n % 3])
+    data.add(111, MARYLAND)  # subspecies of Zenaida macroura
+    data.add(101, MARYLAND, grade="needs_id")
+    data.add(101, NEW_YORK)
+    data.add(101, MARYLAND, grade="casual")
+    for taxon in (105, 106, 107):
+        for n in range(3):
+            license = "CC-BY-NC-ND" if taxon == 107 and n == 0 else "CC-BY"
+            data.add(taxon, MARYLAND, license=license, extension="png" if n == 2 else "jpg")
+    data.add(105, NEW_YORK)
+    quercus = [data.observe(108, BALTIMORE) for _ in range(3)]
+    for obs in quercus[:2]:
+        data.photo(obs)
+    for _ in range(2):
+        data.add(108, MARYLAND)  # another species, but outside the Baltimore box
+    data.add(109, BALTIMORE)
+    shared_near = data.add(109, BALTIMORE)
+    data.photo(quercus[2], photo_id=shared_near)  # the same photo on two observations
+    data.add(112, BALTIMORE)
+    data.add(110, BALTIMORE)  # identified to genus only
+    data.add("", BALTIMORE)  # not identified
+    data.add(108, None)  # no coordinates
+    return data
+
+
+# --- fixtures -------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(tmp_path_factory):
+    """A moto S3 with the source bucket filled and an empty target bucket; env points at it."""
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    data = open_data()
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket=SOURCE)
+    # Like the real bucket: anyone may read it, without signing.
+    public_read = {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Principal": "*",
+                       "Action": ["s3:GetObject", "s3:ListBucket"],
+                       "Resource": [f"arn:aws:s3:::{SOURCE}", f"arn:aws:s3:::{SOURCE}/*"]}],
+    }  # fmt: skip
+    s3.put_bucket_policy(Bucket=SOURCE, Policy=json.dumps(public_read))
+    s3.create_bucket(Bucket=TARGET)
+    metadata_dir = tmp_path_factory.mktemp("metadata")
+    for key, body in {**data.metadata(), **data.images}.items():
+        s3.put_object(Bucket=SOURCE, Key=key, Body=body)
+        if key.endswith(".csv.gz"):
+            (metadata_dir / key).write_bytes(body)
+    yield {"env": env, "data": data, "metadata_dir": metadata_dir}
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def collector():
+    """The script imported as a module, for runs with instrumented clients."""
+    spec = importlib.util.spec_from_file_location("collect_inaturalist", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def write_config(path: Path, dest: str, **extra: object) -> Path:
+    settings = {
+        "dest": dest,
+        "targets": TARGETS,
+        "lookalikes": LOOKALIKES,
+        "species_box": {"lat_min": 37.911717, "lat_max": 39.723043,
+                        "lon_min": -79.487651, "lon_max": -75.048939},
+        "other_box": {"lat_min": 39.19, "lat_max": 39.37, "lon_min": -76.71, "lon_max": -76.52},
+        "licenses": ALLOWED_LICENSES,
+        "caps": {"Lycorma delicatula": 4},
+        "workers": 4,
+        **extra,
+    }  # fmt: skip
+    path.write_text("\n".join(f"{key} = {_toml(value)}" for key, value in settings.items()))
+    return path
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120
+    )
+
+
+class CopyCounter:
+    """Counts the copies a client starts; after `fail_after` of them, raises `failure`."""
+
+    def __init__(self, fail_after: int | None = None, failure: BaseException | None = None):
+        self.keys: list[str] = []
+        self.fail_after, self.failure = fail_after, failure
+        self.lock = threading.Lock()
+
+    def __call__(self, params, **_):
+        with self.lock:
+            if self.fail_after is not None and len(self.keys) >= self.fail_after:
+                raise self.failure
+            self.keys.append(params["Key"])
+
+
+def instrumented_run(collector, config: Path, counter: CopyCounter, *flags: str) -> int:
+    settings = collector.load_settings(["--config", str(config), *flags])
+    source, target = collector.make_clients(settings)
+    target.meta.events.register("before-parameter-build.s3.CopyObject", counter)
+    return collector.run(settings, source, target)
+
+
+def read_csv(text: str) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def target_objects(prefix: str) -> dict[str, tuple]:
+    s3 = boto3.client("s3")
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=TARGET, Prefix=prefix)
+    return {
+        item["Key"][len(prefix) :]: (item["LastModified"], item["ETag"], item["Size"])
+        for page in pages
+        for item in page.get("Contents", [])
+    }
+
+
+# --- settings -------------------------------------------------------------------------------
+
+
+def test_missing_settings_fail_with_one_line_naming_them():
+    result = run_cli("--targets", "Acer rubrum")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "missing settings: dest, species_box, other_box" in lines[0]
+    assert "--species-box" in lines[0] and "collect_inaturalist.example.toml" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--species-box", "39,38,-79,-75"], "species_box = '39,38,-79,-75' is not a box"),
+        (["--quality-grades", "good"], "quality grade(s) ['good'] unknown"),
+        (["--cap", "Quercus alba=3"], "caps for Quercus alba: not a target, look-alike or 'other'"),
+        (["--targets", "Acer rubrum,other"], "'other' is not a species"),
+    ],
+)
+def test_bad_settings_say_what_is_wrong(collector, tmp_path, flags, message):
+    config = write_config(tmp_path / "c.toml", "out")
+    with pytest.raises(collector.CollectError, match="^" + re.escape(message)):
+        collector.load_settings(["--config", str(config), *flags])
+
+
+def test_flags_win_over_the_config_even_when_zero(collector, tmp_path):
+    config = write_config(tmp_path / "c.toml", "out", max_per_class=50, seed=7)
+    settings = collector.load_settings(["--config", str(config), "--max-per-class", "0"])
+    assert settings.max_per_class == 0 and settings.seed == 7
+    assert settings.cap_for("other") == 0 and settings.cap_for("Lycorma delicatula") == 4
+
+
+def test_example_config_holds_the_seed_choice(collector):
+    example = REPO / "scripts" / "collect_inaturalist.example.toml"
+    settings = collector.load_settings(["--config", str(example), "--dest", "out"])
+    assert list(settings.targets) == TARGETS and list(settings.lookalikes) == LOOKALIKES
+    assert settings.species_box == collector.Box(37.911717, 39.723043, -79.487651, -75.048939)
+    assert settings.other_box == collector.Box(39.19, 39.37, -76.71, -76.52)
+    assert settings.quality_grades == ("research",) and settings.photo_size == "medium"
+
+
+def test_a_changed_column_layout_is_named(collector, s3_endpoint, tmp_path):
+    folder = tmp_path / "metadata"
+    folder.mkdir()
+    for name in ("taxa.csv.gz", "observations.csv.gz", "photos.csv.gz"):
+        body = (s3_endpoint["metadata_dir"] / name).read_bytes()
+        if name == "taxa.csv.gz":
+            body = gzip.compress(gzip.decompress(body).replace(b"\tname\t", b"\tsci_name\t", 1))
+        (folder / name).write_bytes(body)
+    config = write_config(tmp_path / "c.toml", str(tmp_path / "out"), metadata_dir=str(folder))
+    result = run_cli("--config", str(config))
+    assert result.returncode == 2
+    assert "taxa.csv.gz lacks the column(s) name" in result.stderr
+    assert "inaturalist-open-data/tree/main/Metadata" in result.stderr
+
+
+# --- collection -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [EndpointConnectionError(endpoint_url="http://simulated-outage"), KeyboardInterrupt()],
+    ids=["network-drops", "ctrl-c"],
+)
+def test_s3_copy_selects_by_box_and_species_and_resumes_without_copying_twice(
+    collector, s3_endpoint, tmp_path, failure
+):
+    prefix = f"{type(failure).__name__}/training/"
+    config = write_config(tmp_path / "c.toml", f"s3://{TARGET}/{prefix}")
+
+    # First run: interrupted after 10 copies. No CSV, only whole photos.
+    first = CopyCounter(fail_after=10, failure=failure)
+    if isinstance(failure, KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt):
+            instrumented_run(collector, config, first)
+    else:
+        assert instrumented_run(collector, config, first) == 1
+    after_first = target_objects(prefix)
+    images_first = {k: v for k, v in after_first.items() if k.startswith("images/")}
+    assert "inaturalist.csv" not in after_first
+    assert "collect_inaturalist.plan.json" in after_first
+    assert 9 <= len(images_first) <= 10  # the missing photo may be among the ten
+
+    # Second run: picks the saved plan up and copies only what is not there yet.
+    second = CopyCounter()
+    assert instrumented_run(collector, config, second) == 0
+    assert len(second.keys) == SELECTED - len(images_first)
+    assert not {prefix + k for k in images_first} & set(second.keys)
+    after_second = target_objects(prefix)
+    for key, stamp in images_first.items():
+        assert after_second[key] == stamp, f"{key} was copied again"
+
+    # Third run: nothing left to copy but the photo the bucket no longer holds.
+    third = CopyCounter()
+    assert instrumented_run(collector, config, third) == 0
+    assert len(third.keys) == 1
+
+    s3 = boto3.client("s3")
+    body = s3.get_object(Bucket=TARGET, Key=prefix + "inaturalist.csv")["Body"].read().decode()
+    rows = read_csv(body)
+    assert list(rows[0]) == [
+        "species_name", "image_name", "observation_uuid", "photo_id", "license", "observer_id",
+    ]  # fmt: skip
+    assert Counter(r["species_name"] for r in rows) == EXPECTED_SPECIES
+    images = {k for k in target_objects(prefix) if k.startswith("images/")}
+    assert {r["image_name"] for r in rows} == images
+    for row in rows:
+        assert row["image_name"] == f"images/{row['photo_id']}.{row['image_name'][-3:]}"
+        assert row["license"] in ALLOWED_LICENSES and row["observer_id"].isdigit()
+    _check_selection_details(s3_endpoint["data"], rows)
+
+
+def _check_selection_details(data: OpenData, rows: list[dict[str, str]]) -> None:
+    by_photo = {int(r["photo_id"]): r for r in rows}
+    photos_of: dict[str, list] = {}
+    for row in data.photos:
+        photos_of.setdefault(row[2], []).append(row)
+    two_photos = [v for v in photos_of.values() if len(v) == 2]
+    assert len(two_photos) == 1
+    (second, first) = two_photos[0]  # listed in that order, positions 1 and 0
+    assert first[1] in by_photo and second[1] not in by_photo
+    assert sum(1 for r in rows if r["image_name"].endswith(".png")) == 3
+    assert len({r["observation_uuid"] for r in rows}) == len(rows)
+
+
+def test_local_folder_download_resumes_and_train_accepts_it(collector, s3_endpoint, tmp_path):
+    channel = tmp_path / "channel"
+    config = write_config(tmp_path / "c.toml", str(channel))
+
+    first = run_cli("--config", str(config), "--metadata-dir", str(s3_endpoint["metadata_dir"]))
+    assert first.returncode == 0, first.stderr
+    assert "copied now 30, already there 0, missing at source 1, failed 0" in first.stdout
+    assert DROPPED in first.stdout
+    for name, count in EXPECTED_CLASSES.items():
+        assert f"{name:<32} {count:>7}" in first.stdout
+    rows = read_csv((channel / "inaturalist.csv").read_text())
+    assert Counter(r["species_name"] for r in rows) == EXPECTED_SPECIES
+    files = {f"images/{p.name}" for p in (channel / "images").iterdir()}
+    assert files == {r["image_name"] for r in rows}
+    data = s3_endpoint["data"]
+    for row in rows:
+        key = f"photos/{row['photo_id']}/medium.{row['image_name'].rsplit('.', 1)[1]}"
+        assert (channel / row["image_name"]).read_bytes() == data.images[key]
+
+    # Interrupted download: a photo lost and a partial write left behind.
+    (channel / rows[0]["image_name"]).unlink()
+    (channel / "images" / ".partial-abc").write_bytes(b"half")
+    stamps = {p.name: p.stat().st_mtime_ns for p in (channel / "images").iterdir()}
+    again = run_cli("--config", str(config), "--metadata-dir", str(s3_endpoint["metadata_dir"]))
+    assert again.returncode == 0, again.stderr
+    assert "reusing the selection" in again.stderr
+    assert "copied now 1, already there 29, missing at source 1, failed 0" in again.stdout
+    assert DROPPED in again.stdout
+    for name, stamp in stamps.items():
+        if not name.startswith("."):
+            assert (channel / "images" / name).stat().st_mtime_ns == stamp, name
+    assert read_csv((channel / "inaturalist.csv").read_text()) == rows
+
+    # A fresh scan with the same seed makes the same choice.
+    rescan = run_cli("--config", str(config), "--rescan", "--select-only")
+    assert rescan.returncode == 0, rescan.stderr
+    plan = json.loads((channel / "collect_inaturalist.plan.json").read_text())
+    assert sorted(p["photo_id"] for p in plan["photos"]) == sorted(
+        [int(r["photo_id"]) for r in rows] + [_missing_photo_id(data)]
+    )
+
+    (channel / "images" / ".partial-abc").unlink()
+    result, base = _train(tmp_path / "opt_ml", channel)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads((base / "output" / "data" / "metrics.json").read_text())
+    assert metrics["classes"] == sorted(EXPECTED_CLASSES)
+    assert (base / "model" / "model.json").is_file()
+
+
+def _missing_photo_id(data: OpenData) -> int:
+    stored = {int(key.split("/")[1]) for key in data.images}
+    missing = [row[1] for row in data.photos if row[1] not in stored]
+    assert len(missing) == 1
+    return missing[0]
+
+
+def _train(base: Path, channel: Path) -> tuple[subprocess.CompletedProcess, Path]:
+    """The real container/train on an /opt/ml layout whose training channel is the folder."""
+    if not TRAIN.exists():
+        pytest.fail(f"{TRAIN} does not exist yet: the trainer is needed for this test")
+    (base / "input" / "config").mkdir(parents=True)
+    shutil.copytree(channel, base / "input" / "data" / "training")
+    hyperparameters = {
+        "target_species": ",".join(TARGETS),
+        "k_folds": "2",
+        "num_epochs": "1",
+        "img_size": "32",
+        "batch_size": "8",
+        "pretrained": "false",
+    }
+    (base / "input" / "config" / "hyperparameters.json").write_text(json.dumps(hyperparameters))
+    env = {**os.environ, "SAGEMAKER_BASE_DIR": str(base), "PYTHONUNBUFFERED": "1"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    result = subprocess.run(
+        [str(TRAIN)], env=env, capture_output=True, text=True, timeout=300
+    )  # fmt: skip
+    return result, base
