@@ -1,0 +1,819 @@
+"""scripts/run_job.py against a local AWS: moto's ThreadedMotoServer (S3, IAM, SageMaker, Logs).
+
+The tool runs its production code path: boto3 finds the local server through AWS_ENDPOINT_URL.
+Assertions are on what the service holds afterwards (the described job, model, endpoint config,
+the listed S3 keys) and on what the tool printed. Where moto drops a field it was sent
+(MetricDefinitions are replaced by a canned one; Environment and Tags are not kept), the test
+reads the request as it went over the wire, recorded by a botocore `before-send` hook.
+
+moto gaps bridged here, on the fake service's side only:
+- training jobs are born Completed: tests set status, secondary status and FailureReason in
+  moto's backend (the service's state), the way a real job would move;
+- UpdateEndpoint and StopTrainingJob are not implemented: a `before-call` hook answers them and
+  applies the change to moto's backend.
+Waiting is driven by the tool's injectable `sleep`, so no test sleeps for real.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import boto3
+import pytest
+import requests
+from botocore.awsrequest import AWSResponse
+from botocore.exceptions import ClientError
+from moto.core import DEFAULT_ACCOUNT_ID
+from moto.sagemaker.models import sagemaker_backends
+from moto.server import ThreadedMotoServer
+from species_classifier.metric_lines import METRIC_DEFINITIONS
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "run_job.py"
+IAM_DOCS = REPO / "docs" / "iam"
+REGION = "us-east-1"
+BUCKET = "species-test"
+IMAGE = f"{DEFAULT_ACCOUNT_ID}.dkr.ecr.{REGION}.amazonaws.com/species-classifier:2025-01-01"
+ROLE_NAME = "SpeciesClassifierSageMaker"
+ROLE_ARN = f"arn:aws:iam::{DEFAULT_ACCOUNT_ID}:role/{ROLE_NAME}"
+TARGETS = "Lycorma delicatula,Acer rubrum"
+LOG_GROUP = "/aws/sagemaker/TrainingJobs"
+# What a user would export; passed to main() as its environment.
+SETTINGS = {
+    "SPECIES_ROLE_ARN": ROLE_ARN,
+    "SPECIES_BUCKET": BUCKET,
+    "SPECIES_IMAGE": IMAGE,
+    "AWS_DEFAULT_REGION": REGION,
+}
+# Older instance types: the ones moto validates against.
+GPU = "ml.g4dn.xlarge"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class LocalAws:
+    endpoint: str
+    env: dict[str, str]
+    s3: object
+    sagemaker: object
+    logs: object
+
+
+@pytest.fixture(scope="module")
+def aws(tmp_path_factory):
+    """A moto server for this module; the process environment points boto3 at it."""
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    home = tmp_path_factory.mktemp("home")
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": REGION,
+        # No profile, credentials or ~/.species-classifier.toml of the developer's leaks in.
+        "AWS_CONFIG_FILE": str(home / "aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(home / "aws-credentials"),
+        "HOME": str(home),
+    }
+    werkzeug = logging.getLogger("werkzeug")
+    level = werkzeug.level
+    werkzeug.setLevel(logging.ERROR)
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        for name in ("AWS_PROFILE", "AWS_REGION", "AWS_SESSION_TOKEN", "SPECIES_CONFIG", *SETTINGS):
+            if name != "AWS_DEFAULT_REGION":
+                patch.delenv(name, raising=False)
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket=BUCKET)
+        trust = (IAM_DOCS / "execution-role-trust.json").read_text()
+        boto3.client("iam").create_role(RoleName=ROLE_NAME, AssumeRolePolicyDocument=trust)
+        yield LocalAws(
+            env["AWS_ENDPOINT_URL"], env, s3, boto3.client("sagemaker"), boto3.client("logs")
+        )
+    werkzeug.setLevel(level)
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def run_job():
+    """The script imported as a module, for in-process runs of main()."""
+    spec = importlib.util.spec_from_file_location("run_job", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    # dataclasses look their module up in sys.modules while the module executes.
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+@dataclass
+class Wire:
+    """boto3 sessions that record every request sent, and answer some operations locally."""
+
+    sent: list[tuple[str, str, object]] = field(default_factory=list)
+    answers: dict[str, Callable] = field(default_factory=dict)
+    after: dict[str, Callable] = field(default_factory=dict)
+
+    def session(self, **kwargs):
+        session = boto3.session.Session(**kwargs)
+        session.events.register("before-send", self._record)
+        for operation, answer in self.answers.items():
+            session.events.register(f"before-call.{operation}", answer)
+        for operation, hook in self.after.items():
+            session.events.register(f"after-call.{operation}", hook)
+        return session
+
+    def _record(self, request, event_name, **_):
+        _, service, operation = event_name.split(".")
+        self.sent.append((service, operation, request))
+
+    def bodies(self, operation: str) -> list[dict]:
+        return [json.loads(r.body) for _, op, r in self.sent if op == operation]
+
+    def operations(self) -> list[str]:
+        return [op for _, op, _ in self.sent]
+
+
+@pytest.fixture
+def run(run_job, aws, capsys):
+    """run(*argv, environ=, wire=, sleep=) -> (exit code, stdout, stderr), in process."""
+
+    def invoke(*argv, environ=SETTINGS, wire=None, sleep=lambda seconds: None):
+        wire = wire or Wire()
+        code = run_job.main(
+            [str(a) for a in argv], environ=environ, session_factory=wire.session, sleep=sleep
+        )
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return invoke
+
+
+def moto_sagemaker():
+    return sagemaker_backends[DEFAULT_ACCOUNT_ID][REGION]
+
+
+def set_job_state(job: str, status: str, secondary: str | None = None, reason: str | None = None):
+    """Move a training job the way SageMaker would (moto creates them Completed)."""
+    fake = moto_sagemaker().training_jobs[job]
+    fake.training_job_status = status
+    fake.secondary_status = secondary or status
+    if reason is not None:
+        fake.failure_reason = reason
+
+
+def job_name_from(parsed: dict) -> str:
+    return parsed["TrainingJobArn"].rsplit("/", 1)[1]
+
+
+def put_log_lines(logs, stream: str, lines: list[tuple[int, str]]) -> None:
+    try:
+        logs.create_log_group(logGroupName=LOG_GROUP)
+    except ClientError as error:
+        assert error.response["Error"]["Code"] == "ResourceAlreadyExistsException"
+    try:
+        logs.create_log_stream(logGroupName=LOG_GROUP, logStreamName=stream)
+    except ClientError as error:
+        assert error.response["Error"]["Code"] == "ResourceAlreadyExistsException"
+    logs.put_log_events(
+        logGroupName=LOG_GROUP,
+        logStreamName=stream,
+        logEvents=[{"timestamp": t, "message": m} for t, m in lines],
+    )
+
+
+def put_output_archive(s3, output_key_prefix: str, job: str) -> None:
+    """What SageMaker uploads from /opt/ml/output/data: metrics, report, plots."""
+    files = {
+        "metrics.json": json.dumps({"classes": ["a"], "mean_macro_f1": 0.9, "std_macro_f1": 0.01}),
+        "report.md": "# Report\n",
+        "plots/confusion_pooled.png": "not really a png",
+    }
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    key = f"{output_key_prefix}/{job}/output/output.tar.gz"
+    s3.put_object(Bucket=BUCKET, Key=key, Body=buffer.getvalue())
+
+
+def make_channel(folder: Path) -> Path:
+    (folder / "images").mkdir(parents=True)
+    (folder / "labels.csv").write_text(
+        "species_name,image_name\nAcer rubrum,images/a.jpg\nZenaida macroura,images/b.jpg\n"
+        "Acer saccharum,images/c.png\n"
+    )
+    (folder / "images" / "a.jpg").write_bytes(b"\xff\xd8 photo a")
+    (folder / "images" / "b.jpg").write_bytes(b"\xff\xd8 photo b")
+    (folder / "images" / "c.png").write_bytes(b"\x89PNG photo c")
+    (folder / ".DS_Store").write_bytes(b"finder")
+    return folder
+
+
+def keys_under(s3, prefix: str) -> set[str]:
+    listing = s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])
+    return {item["Key"][len(prefix) :] for item in listing}
+
+
+def train_args(job: str, *extra) -> list[str]:
+    return [
+        "train",
+        "--data",
+        f"s3://{BUCKET}/channels/demo",
+        "--instance-type",
+        GPU,
+        "--job-name",
+        job,
+        "--hyperparameter",
+        f"target_species={TARGETS}",
+        *extra,
+    ]
+
+
+# ---------------------------------------------------------------- train
+
+
+def test_train_uploads_local_data_and_creates_the_job(run, aws, tmp_path):
+    data = make_channel(tmp_path / "training")
+    prefix = "species-classifier/data/training/"
+    aws.s3.put_object(Bucket=BUCKET, Key=prefix + "images/a.jpg", Body=b"\xff\xd8 photo a")
+    # Same size, other bytes: must be uploaded again.
+    aws.s3.put_object(Bucket=BUCKET, Key=prefix + "images/b.jpg", Body=b"\xff\xd8 photo B")
+    wire = Wire()
+
+    code, out, err = run(
+        "train",
+        "--data",
+        data,
+        "--instance-type",
+        GPU,
+        "--instance-count",
+        "2",
+        "--spot",
+        "--max-runtime",
+        "2h",
+        "--job-name",
+        "sc-upload",
+        "--hyperparameter",
+        f"target_species={TARGETS}",
+        "--hyperparameter",
+        "k_folds=3",
+        "--hyperparameter",
+        "pretrained=false",
+        "--env",
+        "PYTHONUNBUFFERED=1",
+        "--tag",
+        "team=field-biology",
+        wire=wire,
+    )
+
+    assert code == 0, err
+    assert keys_under(aws.s3, prefix) == {
+        "labels.csv",
+        "images/a.jpg",
+        "images/b.jpg",
+        "images/c.png",
+    }
+    body = aws.s3.get_object(Bucket=BUCKET, Key=prefix + "images/b.jpg")["Body"].read()
+    assert body == b"\xff\xd8 photo b"
+    assert f"uploaded 3 files to s3://{BUCKET}/{prefix} (1 already there)" in out
+    job = aws.sagemaker.describe_training_job(TrainingJobName="sc-upload")
+    assert job["AlgorithmSpecification"]["TrainingImage"] == IMAGE
+    assert job["RoleArn"] == ROLE_ARN
+    assert job["EnableManagedSpotTraining"] is True
+    assert job["StoppingCondition"] == {"MaxRuntimeInSeconds": 7200, "MaxWaitTimeInSeconds": 14400}
+    assert job["CheckpointConfig"] == {
+        "S3Uri": f"s3://{BUCKET}/species-classifier/output/sc-upload/checkpoints/",
+        "LocalPath": "/opt/ml/checkpoints",
+    }
+    assert job["HyperParameters"] == {
+        "target_species": TARGETS,
+        "k_folds": "3",
+        "pretrained": "false",
+    }
+    assert job["ResourceConfig"]["InstanceType"] == GPU
+    assert job["ResourceConfig"]["InstanceCount"] == 2
+    [channel] = job["InputDataConfig"]
+    assert channel["ChannelName"] == "training"
+    assert channel["DataSource"]["S3DataSource"] == {
+        "S3DataType": "S3Prefix",
+        "S3Uri": f"s3://{BUCKET}/{prefix}",
+        "S3DataDistributionType": "FullyReplicated",
+    }
+    [sent] = wire.bodies("CreateTrainingJob")
+    assert sent["AlgorithmSpecification"]["MetricDefinitions"] == METRIC_DEFINITIONS
+    assert sent["Environment"] == {"PYTHONUNBUFFERED": "1"}
+    assert {"Key": "team", "Value": "field-biology"} in sent["Tags"]
+    assert {"Key": "project", "Value": "species-classifier"} in sent["Tags"]
+
+    code, out, err = run(
+        "train", "--data", data, "--instance-type", GPU, "--job-name", "sc-upload-again",
+        "--hyperparameter", f"target_species={TARGETS}",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "uploaded 0 files" in out and "(4 already there)" in out
+
+
+def test_train_wait_streams_every_host_in_time_order_and_unpacks_the_output(run, aws, tmp_path):
+    job = "sc-wait"
+    now = int(time.time() * 1000)
+    put_log_lines(aws.logs, f"{job}/algo-1-1700000000", [(now + 1, "one"), (now + 3, "three")])
+    put_log_lines(aws.logs, f"{job}/algo-2-1700000000", [(now + 2, "two"), (now + 4, "four")])
+    put_output_archive(aws.s3, "species-classifier/output", job)
+    downloads = tmp_path / "downloads"
+
+    code, out, err = run(
+        *train_args(job, "--instance-count", "2", "--wait", "--download-dir", downloads)
+    )
+
+    assert code == 0, err
+    lines = out.splitlines()
+    logged = [line for line in lines if line.startswith("[algo-")]
+    assert logged == ["[algo-1] one", "[algo-2] two", "[algo-1] three", "[algo-2] four"]
+    assert "  train:progress = 100" in lines  # moto's final metric, as SageMaker reports them
+    unpacked = downloads / job
+    assert json.loads((unpacked / "metrics.json").read_text())["mean_macro_f1"] == 0.9
+    assert (unpacked / "report.md").exists() and (unpacked / "plots/confusion_pooled.png").exists()
+    assert f"output unpacked in {unpacked}" in out
+    assert "cross-validated macro F1: 0.9000" in out
+
+
+def test_logs_follow_prints_lines_as_streams_appear_and_grow(run, aws):
+    job = "sc-follow"
+    assert run(*train_args(job, "--instance-count", "2"))[0] == 0
+    set_job_state(job, "InProgress", "Starting")
+    now = int(time.time() * 1000)
+    steps = [
+        lambda: (
+            put_log_lines(aws.logs, f"{job}/algo-1-1", [(now + 10, "loading photos")]),
+            set_job_state(job, "InProgress", "Training"),
+        ),
+        lambda: (
+            put_log_lines(aws.logs, f"{job}/algo-2-1", [(now + 20, "host two joined")]),
+            put_log_lines(aws.logs, f"{job}/algo-1-1", [(now + 30, "fold=1 epoch=1")]),
+        ),
+        lambda: set_job_state(job, "Completed"),
+    ]
+
+    def sleep(seconds):
+        if steps:
+            steps.pop(0)()
+
+    code, out, err = run("logs", job, "--follow", "--poll-seconds", "0", sleep=sleep)
+
+    assert code == 0, err
+    lines = [
+        line for line in out.splitlines() if line.startswith(("[algo-", "[InProgress", "[Comp"))
+    ]
+    assert [line.split(":")[0] for line in lines] == [
+        "[InProgress] Starting",
+        "[InProgress] Training",
+        "[algo-1] loading photos",
+        "[algo-2] host two joined",
+        "[algo-1] fold=1 epoch=1",
+        "[Completed] Completed",
+    ]
+
+
+def test_a_failed_job_prints_its_reason_and_exits_non_zero(run, aws, tmp_path):
+    reason = "AlgorithmError: no photo of target species 'Acer rubrum' in labels.csv"
+    wire = Wire(
+        after={
+            "sagemaker.CreateTrainingJob": lambda parsed, **_: set_job_state(
+                job_name_from(parsed), "Failed", "Failed", reason
+            )
+        }
+    )
+    downloads = tmp_path / "downloads"
+
+    code, out, err = run(*train_args("sc-failed", "--wait", "--download-dir", downloads), wire=wire)
+
+    assert code == 1
+    assert err.strip().splitlines() == [f"error: training job sc-failed Failed: {reason}"]
+    assert not downloads.exists()
+    code, out, _ = run("status", "sc-failed")
+    assert code == 0 and f"failure:   {reason}" in out
+
+
+def test_ctrl_c_stops_watching_not_the_job_and_says_how_to_stop_it(run, aws):
+    stopped = []
+
+    def stop_training_job(params, **_):
+        job = json.loads(params["body"])["TrainingJobName"]
+        stopped.append(job)
+        set_job_state(job, "Stopping")
+        return AWSResponse("", 200, {}, None), {}
+
+    def interrupt(seconds):
+        raise KeyboardInterrupt
+
+    wire = Wire(
+        answers={"sagemaker.StopTrainingJob": stop_training_job},
+        after={
+            "sagemaker.CreateTrainingJob": lambda parsed, **_: set_job_state(
+                job_name_from(parsed), "InProgress", "Training"
+            )
+        },
+    )
+
+    code, out, err = run(*train_args("sc-interrupted", "--wait"), wire=wire, sleep=interrupt)
+
+    assert code == 130
+    assert "training job sc-interrupted keeps running" in err
+    assert "Stop it with: scripts/run_job.py stop sc-interrupted" in err
+    status = aws.sagemaker.describe_training_job(TrainingJobName="sc-interrupted")
+    assert status["TrainingJobStatus"] == "InProgress"
+    code, out, err = run("stop", "sc-interrupted", wire=wire)
+    assert code == 0, err
+    assert stopped == ["sc-interrupted"]
+
+
+# ---------------------------------------------------------------- settings and errors
+
+
+@pytest.mark.parametrize(
+    ("missing", "hints"),
+    [
+        ("SPECIES_ROLE_ARN", ["missing setting: role", "--role ARN", "SPECIES_ROLE_ARN"]),
+        ("SPECIES_IMAGE", ["missing setting: image", "--image URI", "SPECIES_IMAGE"]),
+        ("SPECIES_BUCKET", ["missing setting: bucket", "--bucket NAME", "SPECIES_BUCKET"]),
+        ("AWS_DEFAULT_REGION", ["missing setting: region", "--region REGION", "AWS_REGION"]),
+    ],
+)
+def test_a_missing_setting_is_one_clear_line(run, monkeypatch, tmp_path, missing, hints):
+    # boto3 itself falls back on the process environment for the region.
+    monkeypatch.delenv(missing, raising=False)
+    environ = {k: v for k, v in SETTINGS.items() if k != missing}
+    wire = Wire()
+
+    code, out, err = run(
+        "train", "--data", make_channel(tmp_path / "training"), "--instance-type", GPU,
+        "--hyperparameter", f"target_species={TARGETS}", environ=environ, wire=wire,
+    )  # fmt: skip
+
+    assert code == 2
+    [line] = err.strip().splitlines()
+    assert all(hint in line for hint in hints), line
+    assert "~/.species-classifier.toml" in line
+    assert "CreateTrainingJob" not in wire.operations()
+
+
+def test_a_missing_target_species_is_caught_before_anything_is_created(run):
+    wire = Wire()
+    code, _, err = run(
+        "train", "--data", f"s3://{BUCKET}/x/", "--instance-type", GPU, wire=wire
+    )  # fmt: skip
+    assert code == 2
+    assert "missing hyperparameter target_species" in err
+    assert wire.operations() == []
+
+
+def test_aws_errors_are_their_code_and_message(run):
+    code, out, err = run("status", "no-such-job")
+    assert code == 1
+    [line] = err.strip().splitlines()
+    assert line.startswith("error: ValidationException: Could not find training job")
+
+
+def test_flags_beat_environment_beat_config_file(run, aws, tmp_path):
+    config = tmp_path / "species.toml"
+    config.write_text(
+        f"""
+role = "arn:aws:iam::{DEFAULT_ACCOUNT_ID}:role/FromConfig"
+bucket = "{BUCKET}"
+image = "from-config:1"
+
+[train]
+instance_type = "ml.p3.2xlarge"
+spot = true
+max_runtime = "3h"
+
+[train.hyperparameters]
+target_species = ["Acer rubrum", "Zenaida macroura"]
+k_folds = 5
+pretrained = false
+"""
+    )
+    environ = {"SPECIES_CONFIG": str(config), "SPECIES_IMAGE": IMAGE, "AWS_DEFAULT_REGION": REGION}
+
+    code, out, err = run(
+        "train", "--data", f"s3://{BUCKET}/channels/demo/", "--role", ROLE_ARN,
+        "--job-name", "sc-precedence", "--hyperparameter", "k_folds=2", environ=environ,
+    )  # fmt: skip
+
+    assert code == 0, err
+    job = aws.sagemaker.describe_training_job(TrainingJobName="sc-precedence")
+    assert job["RoleArn"] == ROLE_ARN  # flag over config
+    assert job["AlgorithmSpecification"]["TrainingImage"] == IMAGE  # environment over config
+    assert job["ResourceConfig"]["InstanceType"] == "ml.p3.2xlarge"  # config
+    assert job["EnableManagedSpotTraining"] is True
+    assert job["StoppingCondition"]["MaxRuntimeInSeconds"] == 3 * 3600
+    assert job["HyperParameters"] == {
+        "target_species": "Acer rubrum,Zenaida macroura",
+        "k_folds": "2",
+        "pretrained": "false",
+    }
+
+    config.write_text('instance_typ = "ml.p3.2xlarge"\n')
+    code, _, err = run("status", "sc-precedence", environ=environ)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and "unknown setting 'instance_typ'" in err
+
+
+def test_every_subcommand_documents_its_flags(run_job, capsys):
+    expected = {
+        "train": ["--image", "--role", "--data", "--output", "--instance-type", "--instance-count",
+                  "--spot", "--job-name", "--wait", "--hyperparameter", "--max-wait"],
+        "deploy": ["--endpoint", "--training-job", "--model-data", "--startup-timeout"],
+        "invoke": ["--endpoint", "PHOTO_OR_FOLDER"],
+        "transform": ["--input", "--output", "--model", "--training-job", "--model-data"],
+        "delete": ["--endpoint", "--endpoint-config", "--model"],
+        "status": ["job"],
+        "logs": ["--follow"],
+        "stop": ["job"],
+    }  # fmt: skip
+    for command, flags in expected.items():
+        with pytest.raises(SystemExit) as exit_:
+            run_job.main([command, "--help"], environ={})
+        assert exit_.value.code == 0
+        text = capsys.readouterr().out
+        assert all(flag in text for flag in flags), (command, text)
+
+
+# ---------------------------------------------------------------- hosting
+
+
+def test_deploy_creates_then_updates_the_endpoint_in_place(run, aws):
+    assert run(*train_args("sc-deploy-src", "--image", "trained-with:7"))[0] == 0
+    environ = {k: v for k, v in SETTINGS.items() if k != "SPECIES_IMAGE"}
+
+    code, out, err = run(
+        "deploy", "--endpoint", "sc-endpoint", "--training-job", "sc-deploy-src",
+        "--instance-type", GPU, "--env", "SAGEMAKER_MODEL_SERVER_WORKERS=1", environ=environ,
+    )  # fmt: skip
+
+    assert code == 0, err
+    assert "endpoint sc-endpoint is InService" in out
+    endpoint = aws.sagemaker.describe_endpoint(EndpointName="sc-endpoint")
+    config = aws.sagemaker.describe_endpoint_config(
+        EndpointConfigName=endpoint["EndpointConfigName"]
+    )
+    [variant] = config["ProductionVariants"]
+    assert variant["ContainerStartupHealthCheckTimeoutInSeconds"] == 600
+    assert variant["InstanceType"] == GPU and variant["InitialInstanceCount"] == 1
+    model = aws.sagemaker.describe_model(ModelName=variant["ModelName"])
+    source = aws.sagemaker.describe_training_job(TrainingJobName="sc-deploy-src")
+    assert model["PrimaryContainer"]["Image"] == "trained-with:7"  # the job's own image
+    assert model["PrimaryContainer"]["ModelDataUrl"] == source["ModelArtifacts"]["S3ModelArtifacts"]
+    assert model["PrimaryContainer"]["Environment"] == {"SAGEMAKER_MODEL_SERVER_WORKERS": "1"}
+    assert model["ExecutionRoleArn"] == ROLE_ARN
+
+    updates = []
+
+    def update_endpoint(params, **_):
+        request = json.loads(params["body"])
+        updates.append(request)
+        fake = moto_sagemaker().endpoints[request["EndpointName"]]
+        fake.endpoint_config_name = request["EndpointConfigName"]
+        return AWSResponse("", 200, {}, None), {"EndpointArn": fake.arn}
+
+    v2 = f"s3://{BUCKET}/models/v2/model.tar.gz"
+    code, out, err = run(
+        "deploy", "--endpoint", "sc-endpoint", "--model-data", v2, "--instance-type", GPU,
+        wire=Wire(answers={"sagemaker.UpdateEndpoint": update_endpoint}),
+    )  # fmt: skip
+
+    assert code == 0, err
+    assert "updating in place" in out
+    [update] = updates
+    assert update["EndpointConfigName"] != endpoint["EndpointConfigName"]
+    updated = aws.sagemaker.describe_endpoint(EndpointName="sc-endpoint")
+    assert updated["EndpointConfigName"] == update["EndpointConfigName"]
+    new_config = aws.sagemaker.describe_endpoint_config(
+        EndpointConfigName=update["EndpointConfigName"]
+    )
+    new_model = aws.sagemaker.describe_model(
+        ModelName=new_config["ProductionVariants"][0]["ModelName"]
+    )
+    assert new_model["PrimaryContainer"]["ModelDataUrl"] == v2
+    assert new_model["PrimaryContainer"]["Image"] == IMAGE
+
+
+def test_delete_removes_endpoint_config_and_model(run, aws):
+    model_data = f"s3://{BUCKET}/models/v1/model.tar.gz"
+    code, _, err = run(
+        "deploy", "--endpoint", "sc-doomed", "--model-data", model_data, "--instance-type", GPU
+    )  # fmt: skip
+    assert code == 0, err
+    config = aws.sagemaker.describe_endpoint(EndpointName="sc-doomed")["EndpointConfigName"]
+    model = aws.sagemaker.describe_endpoint_config(EndpointConfigName=config)["ProductionVariants"][
+        0
+    ]["ModelName"]
+
+    code, out, err = run("delete", "--endpoint", "sc-doomed")
+
+    assert code == 0, err
+    for describe, kwargs in [
+        (aws.sagemaker.describe_endpoint, {"EndpointName": "sc-doomed"}),
+        (aws.sagemaker.describe_endpoint_config, {"EndpointConfigName": config}),
+        (aws.sagemaker.describe_model, {"ModelName": model}),
+    ]:
+        with pytest.raises(ClientError, match="Could not find"):
+            describe(**kwargs)
+    assert f"model {model} deleted" in out
+
+
+def test_invoke_sends_each_photo_and_prints_the_predictions(run, aws, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    # moto's runtime decodes request bodies as UTF-8, so these "photos" are text.
+    (photos / "a.jpg").write_bytes(b"jpeg bytes")
+    (photos / "b.png").write_bytes(b"png bytes")
+    (photos / "notes.txt").write_text("not a photo")
+    too_big = tmp_path / "huge.jpg"
+    too_big.write_bytes(b"\xff" * (6_291_456 + 1))
+    answers = [
+        {
+            "predicted_species": species,
+            "confidence": confidence,
+            "class_probabilities": probabilities,
+            "individual_fold_predictions": [],
+        }
+        for species, confidence, probabilities in [
+            ("Acer rubrum", 0.91, {"Acer rubrum": 0.91, "other": 0.07, "Zenaida macroura": 0.02}),
+            ("other", 0.75, {"Acer rubrum": 0.25, "other": 0.75}),
+        ]
+    ]
+    results = [
+        {
+            "Body": json.dumps(a),
+            "ContentType": "application/json",
+            "InvokedProductionVariant": "AllTraffic",
+        }
+        for a in answers
+    ]
+    response = requests.post(
+        f"{aws.endpoint}/moto-api/static/sagemaker/endpoint-results",
+        json={"results": results},
+        timeout=10,
+    )
+    assert response.status_code == 201
+    wire = Wire()
+
+    code, out, err = run("invoke", "--endpoint", "sc-endpoint", photos, too_big, wire=wire)
+
+    assert code == 1  # the oversized photo
+    assert out.splitlines() == [
+        f"{photos / 'a.jpg'}: Acer rubrum (confidence 0.910); "
+        "next: other 0.070, Zenaida macroura 0.020",
+        f"{photos / 'b.png'}: other (confidence 0.750); next: Acer rubrum 0.250",
+    ]
+    assert "6291456-byte limit" in err and "huge.jpg" in err
+    sent = [(r.headers["Content-Type"], r.body) for _, op, r in wire.sent if op == "InvokeEndpoint"]
+    assert sent == [(b"image/jpeg", b"jpeg bytes"), (b"image/png", b"png bytes")]
+
+
+def test_transform_creates_a_model_and_a_job_over_a_prefix_of_photos(run, aws):
+    for name in ("a.jpg", "b.png"):
+        aws.s3.put_object(Bucket=BUCKET, Key=f"batch/photos/{name}", Body=b"photo")
+    model_data = f"s3://{BUCKET}/models/v1/model.tar.gz"
+
+    code, out, err = run(
+        "transform", "--input", f"s3://{BUCKET}/batch/photos", "--model-data", model_data,
+        "--instance-type", "ml.m5.xlarge", "--job-name", "sc-transform", "--wait",
+    )  # fmt: skip
+
+    assert code == 0, err
+    job = aws.sagemaker.describe_transform_job(TransformJobName="sc-transform")
+    assert job["ModelName"] == "sc-transform"
+    assert job["BatchStrategy"] == "SingleRecord"
+    assert job["TransformInput"]["DataSource"]["S3DataSource"]["S3Uri"] == (
+        f"s3://{BUCKET}/batch/photos/"
+    )
+    assert job["TransformInput"]["ContentType"] == "application/x-image"
+    output = f"s3://{BUCKET}/species-classifier/transform/sc-transform/"
+    assert job["TransformOutput"]["S3OutputPath"] == output
+    assert job["TransformResources"] == {"InstanceType": "ml.m5.xlarge", "InstanceCount": 1}
+    model = aws.sagemaker.describe_model(ModelName="sc-transform")
+    assert model["PrimaryContainer"] == {"Image": IMAGE, "ModelDataUrl": model_data}
+    assert f"predictions in {output}" in out
+
+    aws.s3.put_object(Bucket=BUCKET, Key="batch/mixed/a.jpg", Body=b"photo")
+    aws.s3.put_object(Bucket=BUCKET, Key="batch/mixed/labels.csv", Body=b"csv")
+    code, _, err = run(
+        "transform", "--input", f"s3://{BUCKET}/batch/mixed/", "--model", "sc-transform",
+        "--instance-type", "ml.m5.xlarge",
+    )  # fmt: skip
+    assert code == 2
+    assert "are not photos (e.g. batch/mixed/labels.csv)" in err
+
+
+# ---------------------------------------------------------------- as a real process
+
+
+def test_the_script_runs_as_a_real_process(aws, tmp_path):
+    env = {**os.environ, **aws.env, **SETTINGS}
+    put_output_archive(aws.s3, "species-classifier/output", "sc-process")
+    command = [
+        sys.executable, str(SCRIPT), "train", "--data", str(make_channel(tmp_path / "training")),
+        "--instance-type", "ml.m5.xlarge", "--hyperparameter", f"target_species={TARGETS}",
+        "--job-name", "sc-process", "--wait", "--poll-seconds", "0.05",
+        "--download-dir", str(tmp_path / "out"),
+    ]  # fmt: skip
+
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+
+    assert done.returncode == 0, done.stderr
+    assert "training job sc-process completed" in done.stdout
+    assert (tmp_path / "out" / "sc-process" / "metrics.json").exists()
+    job = aws.sagemaker.describe_training_job(TrainingJobName="sc-process")
+    assert job["AlgorithmSpecification"]["TrainingImage"] == IMAGE
+
+    del env["SPECIES_ROLE_ARN"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: missing setting: role. Pass --role ARN, set SPECIES_ROLE_ARN, or put "
+        'role = "..." in ~/.species-classifier.toml (or --config FILE)'
+    ]
+
+
+# ---------------------------------------------------------------- IAM documents
+
+PLACEHOLDERS = {
+    "ACCOUNT_ID": DEFAULT_ACCOUNT_ID,
+    "REGION": REGION,
+    "BUCKET": BUCKET,
+    "REPOSITORY": "species-classifier",
+    "EXECUTION_ROLE_NAME": ROLE_NAME,
+}
+# Actions AWS does not scope to a resource: the only ones allowed on "*".
+UNSCOPED_ACTIONS = {"ecr:GetAuthorizationToken", "cloudwatch:PutMetricData"}
+# Every AWS action the launcher performs.
+LAUNCHER_ACTIONS = {
+    "sagemaker:CreateTrainingJob", "sagemaker:DescribeTrainingJob", "sagemaker:StopTrainingJob",
+    "sagemaker:AddTags", "sagemaker:CreateModel", "sagemaker:DeleteModel",
+    "sagemaker:CreateEndpointConfig", "sagemaker:DescribeEndpointConfig",
+    "sagemaker:DeleteEndpointConfig", "sagemaker:CreateEndpoint", "sagemaker:DescribeEndpoint",
+    "sagemaker:UpdateEndpoint", "sagemaker:DeleteEndpoint", "sagemaker:InvokeEndpoint",
+    "sagemaker:CreateTransformJob", "sagemaker:DescribeTransformJob", "s3:ListBucket",
+    "s3:GetObject", "s3:PutObject", "logs:DescribeLogStreams", "logs:GetLogEvents",
+    "iam:PassRole",
+}  # fmt: skip
+
+
+def policy_text(name: str) -> str:
+    text = (IAM_DOCS / name).read_text()
+    for placeholder, value in PLACEHOLDERS.items():
+        text = text.replace(placeholder, value)
+    return text
+
+
+@pytest.mark.parametrize("name", ["launcher-policy.json", "execution-role-policy.json"])
+def test_iam_policies_are_valid_and_scoped(aws, name):
+    text = policy_text(name)
+    boto3.client("iam").create_policy(PolicyName=name.removesuffix(".json"), PolicyDocument=text)
+    statements = json.loads(text)["Statement"]
+    actions = set()
+    for statement in statements:
+        listed = (
+            statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+        )
+        resources = (
+            statement["Resource"]
+            if isinstance(statement["Resource"], list)
+            else [statement["Resource"]]
+        )
+        actions |= set(listed)
+        assert not any(a == "*" or a.endswith(":*") for a in listed), statement
+        if "*" in resources:
+            assert set(listed) <= UNSCOPED_ACTIONS, statement
+    if name == "launcher-policy.json":
+        assert actions >= LAUNCHER_ACTIONS, LAUNCHER_ACTIONS - actions
+        [pass_role] = [s for s in statements if "iam:PassRole" in s["Action"]]
+        assert pass_role["Resource"] == ROLE_ARN
+        assert pass_role["Condition"] == {
+            "StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}
+        }
