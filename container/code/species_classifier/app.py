@@ -1,0 +1,191 @@
+"""The HTTP side of the endpoint: SageMaker's /ping, /invocations and /execution-parameters.
+
+Owns the request contract (content types, payload limit, Accept, custom attributes) and
+turns every bad request into a JSON {"error": ...} with the right status and a message
+that says what was wrong and what to do. Prediction itself is the Batcher's.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import re
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from species_classifier.imaging import PhotoError
+from species_classifier.predictor import Batcher
+
+_log = logging.getLogger(__name__)
+
+IMAGE_TYPES = ("image/jpeg", "image/png", "application/x-image")
+JSON_TYPE = "application/json"
+ACCEPTED_TYPES = (*IMAGE_TYPES, JSON_TYPE)
+CUSTOM_ATTRIBUTES = "X-Amzn-SageMaker-Custom-Attributes"
+MEBIBYTE = 1024 * 1024
+_DATA_URL_PREFIX = re.compile(r"^data:[^,]*;base64,", re.IGNORECASE)
+_WHITESPACE = re.compile(r"\s+")
+
+
+class RequestRejected(Exception):
+    """A request the client must change; becomes a JSON error with `status`."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def create_app(
+    batcher: Batcher,
+    *,
+    max_payload_mb: int = 6,
+    max_concurrent_transforms: int = 1,
+    timeout_seconds: float = 60.0,
+) -> Flask:
+    """The Flask app for one worker; the model behind `batcher` is already loaded."""
+    app = Flask(__name__)
+    # Keep class_probabilities in the model's label order, as model.json lists the classes.
+    app.json.sort_keys = False
+    max_bytes = max_payload_mb * MEBIBYTE
+    # Werkzeug enforces this on chunked bodies too, which carry no Content-Length.
+    app.config["MAX_CONTENT_LENGTH"] = max_bytes
+
+    @app.get("/ping")
+    def ping() -> Response:
+        return Response(status=200)
+
+    @app.get("/execution-parameters")
+    def execution_parameters() -> Response:
+        return jsonify(
+            MaxConcurrentTransforms=max_concurrent_transforms,
+            BatchStrategy="MULTI_RECORD",
+            MaxPayloadInMB=max_payload_mb,
+        )
+
+    @app.post("/invocations")
+    def invocations() -> Response:
+        length = request.content_length
+        if length is not None and length > max_bytes:
+            raise RequestRejected(
+                413,
+                f"request body is {length} bytes, over the {max_payload_mb} MB limit "
+                f"({max_bytes} bytes): send a smaller photo (a few hundred pixels is "
+                "enough) or fewer instances per request",
+            )
+        _check_accept()
+        bodies, single = _photos_from_request()
+        try:
+            answers = batcher.predict(bodies, timeout=timeout_seconds)
+        except PhotoError as error:
+            raise RequestRejected(400, f"cannot use the photo: {error}") from None
+        except TimeoutError:
+            raise RequestRejected(
+                503,
+                f"no answer within {timeout_seconds:g} s: the server is overloaded; retry "
+                "later or add workers/instances",
+            ) from None
+        return jsonify(answers[0] if single else {"predictions": answers})
+
+    @app.after_request
+    def echo_custom_attributes(response: Response) -> Response:
+        attributes = request.headers.get(CUSTOM_ATTRIBUTES)
+        if attributes is not None:
+            response.headers[CUSTOM_ATTRIBUTES] = attributes
+        return response
+
+    @app.errorhandler(RequestRejected)
+    def bad_request(error: RequestRejected) -> tuple[Response, int]:
+        return jsonify(error=str(error)), error.status
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException) -> tuple[Response, int]:
+        status = error.code or 500
+        if status == 413:
+            message = (
+                f"request body is over the {max_payload_mb} MB limit: send a smaller photo "
+                "or fewer instances per request"
+            )
+        else:
+            message = f"{error.name}: {error.description}"
+        return jsonify(error=message), status
+
+    @app.errorhandler(Exception)
+    def unexpected_error(error: Exception) -> tuple[Response, int]:
+        _log.exception("unexpected error on %s %s", request.method, request.path)
+        return jsonify(error=f"internal error ({type(error).__name__}); see the server log"), 500
+
+    return app
+
+
+def _check_accept() -> None:
+    if request.headers.get("Accept") and request.accept_mimetypes.quality(JSON_TYPE) <= 0:
+        raise RequestRejected(
+            406,
+            f"Accept: {request.headers['Accept']} cannot be served: answers are "
+            f"{JSON_TYPE}; send Accept: {JSON_TYPE} or */* (or no Accept header)",
+        )
+
+
+def _photos_from_request() -> tuple[list[bytes], bool]:
+    """The photos' encoded bytes, and whether the request holds exactly one photo."""
+    mimetype = request.mimetype
+    if mimetype in IMAGE_TYPES:
+        body = request.get_data(cache=False)
+        if not body:
+            raise RequestRejected(400, f"empty body: send the photo's bytes as {mimetype}")
+        return [body], True
+    if mimetype == JSON_TYPE:
+        return _photos_from_json()
+    given = f"Content-Type {mimetype!r}" if mimetype else "no Content-Type"
+    raise RequestRejected(
+        415,
+        f"{given} is not supported: send one of {', '.join(ACCEPTED_TYPES)} (raw photo "
+        'bytes, or JSON {"image": "<base64>"} / {"instances": [{"b64": "<base64>"}, ...]})',
+    )
+
+
+def _photos_from_json() -> tuple[list[bytes], bool]:
+    document = request.get_json(silent=True, cache=False)
+    if document is None:
+        raise RequestRejected(
+            400,
+            'the body is not valid JSON: send {"image": "<base64>"} or '
+            '{"instances": [{"b64": "<base64>"}, ...]}',
+        )
+    if isinstance(document, dict) and isinstance(document.get("image"), str):
+        return [_decode_base64(document["image"], '"image"')], True
+    if isinstance(document, dict) and isinstance(document.get("instances"), list):
+        instances = document["instances"]
+        if not instances:
+            raise RequestRejected(400, '"instances" is empty: send at least one {"b64": "..."}')
+        bodies = []
+        for index, instance in enumerate(instances):
+            if not (isinstance(instance, dict) and isinstance(instance.get("b64"), str)):
+                raise RequestRejected(
+                    400,
+                    f'instance {index} is not {{"b64": "<base64>"}}: wrap each photo\'s '
+                    'base64 string in an object with the key "b64"',
+                )
+            bodies.append(_decode_base64(instance["b64"], f"instance {index}"))
+        return bodies, False
+    raise RequestRejected(
+        400,
+        'JSON body needs the key "image" (a base64 string) or "instances" (a list of '
+        '{"b64": "<base64>"})',
+    )
+
+
+def _decode_base64(text: str, where: str) -> bytes:
+    # Line breaks (MIME base64) and a data: URL prefix are common in client code; accept them.
+    text = _WHITESPACE.sub("", _DATA_URL_PREFIX.sub("", text, count=1))
+    try:
+        body = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestRejected(
+            400, f"{where} is not valid base64: encode the photo's bytes with standard base64"
+        ) from None
+    if not body:
+        raise RequestRejected(400, f"{where} is empty: send the photo's bytes, base64-encoded")
+    return body

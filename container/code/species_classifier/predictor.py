@@ -1,0 +1,246 @@
+"""Prediction for the endpoint: the model bundle loaded once, and request batching.
+
+`Predictor` owns the networks and the device settings: it reads model.json (classes, input
+size, normalisation: no second copy of those constants), moves every member to the
+device once, and turns a list of decoded photos into the seed's answer per photo (mean of
+the members' softmax probabilities). `Batcher` owns the queue between request threads and
+the model: each request thread decodes its own photos, then one batching thread per
+worker process runs whatever is waiting as one forward pass, so eight concurrent requests
+cost one batch of eight, not eight batches of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from species_classifier.artifacts import load_members, read_description
+from species_classifier.imaging import PhotoError, decode_photo, normalize
+
+_log = logging.getLogger(__name__)
+
+# The largest forward pass. On a GPU a bigger batch is nearly free; on a CPU the time per
+# photo stops falling after a handful, while the wait for the whole batch keeps growing.
+GPU_MAX_BATCH = 64
+CPU_MAX_BATCH = 16
+# How long the batching thread waits for requests that have arrived and are still being
+# decoded (a 500 px JPEG takes a few ms) before it runs without them.
+GATHER_SECONDS = 0.05
+
+
+def choose_device(slot: int = 0) -> torch.device:
+    """GPU number `slot` (modulo the GPU count) where there is a GPU, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", slot % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def default_max_batch(device: torch.device) -> int:
+    return GPU_MAX_BATCH if device.type == "cuda" else CPU_MAX_BATCH
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (a container's CPU set, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+class Predictor:
+    """The ensemble of a model bundle on one device, ready to predict decoded photos."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        device: torch.device | None = None,
+        max_batch: int | None = None,
+        cpu_threads: int | None = None,
+    ) -> None:
+        self.description = read_description(model_dir)
+        self.classes = list(self.description.classes)
+        self.img_size = self.description.img_size
+        self.member_names = [member.name for member in self.description.members]
+        self.device = device or choose_device()
+        self.max_batch = max_batch or default_max_batch(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            # bf16 keeps fp32's range, so softmax outputs need no loss scaling or care.
+            self.autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        else:
+            # Reduced precision on CPUs is slower or unsupported on most; fp32 is exact.
+            self.autocast_dtype = None
+            torch.set_num_threads(cpu_threads or usable_cpus())
+        self.networks = [
+            network.to(self.device, memory_format=torch.channels_last)
+            for network in load_members(model_dir, self.description)
+        ]
+        _log.info(
+            "model loaded: %d members, %d classes, %d px, device %s, %s, max batch %d%s",
+            len(self.networks),
+            len(self.classes),
+            self.img_size,
+            self.device,
+            f"{self.autocast_dtype} autocast" if self.autocast_dtype else "fp32",
+            self.max_batch,
+            "" if self.device.type == "cuda" else f", {torch.get_num_threads()} threads",
+        )
+
+    def decode(self, body: bytes) -> np.ndarray:
+        """Request bytes -> the uint8 pixels the model takes; PhotoError when unusable."""
+        return decode_photo(body, self.img_size)
+
+    def warm_up(self) -> None:
+        """One forward pass, so the first real request does not pay for kernel selection."""
+        self.predict([np.zeros((self.img_size, self.img_size, 3), dtype=np.uint8)])
+
+    def predict(self, images: list[np.ndarray]) -> list[dict]:
+        """One answer per photo, in the seed's format; batches of at most max_batch."""
+        answers = []
+        for start in range(0, len(images), self.max_batch):
+            member_probs = self._probabilities(images[start : start + self.max_batch])
+            answers.extend(self._answers(member_probs))
+        return answers
+
+    def _probabilities(self, images: list[np.ndarray]) -> np.ndarray:
+        """members x photos x classes softmax probabilities, float64 on the host."""
+        pixels = torch.from_numpy(np.stack(images))
+        if self.device.type == "cuda":
+            pixels = pixels.pin_memory().to(self.device, non_blocking=True)
+        batch = normalize(pixels, self.description.mean, self.description.std)
+        precision = (
+            torch.autocast(self.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype
+            else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), precision:
+            probs = [torch.softmax(net(batch).float(), dim=1) for net in self.networks]
+            return torch.stack(probs).double().cpu().numpy()
+
+    def _answers(self, member_probs: np.ndarray) -> list[dict]:
+        mean = member_probs.mean(axis=0)
+        # float32 softmax sums to 1 within ~1e-7; renormalising makes the sum exact enough
+        # that clients can rely on it.
+        mean /= mean.sum(axis=1, keepdims=True)
+        answers = []
+        for photo, probs in enumerate(mean):
+            best = int(probs.argmax())
+            members = []
+            for name, member in zip(self.member_names, member_probs[:, photo], strict=True):
+                top = int(member.argmax())
+                members.append(
+                    {
+                        "fold": name,
+                        "predicted_species": self.classes[top],
+                        "confidence": float(member[top]),
+                    }
+                )
+            answers.append(
+                {
+                    "predicted_species": self.classes[best],
+                    "confidence": float(probs[best]),
+                    "class_probabilities": dict(zip(self.classes, probs.tolist(), strict=True)),
+                    "individual_fold_predictions": members,
+                }
+            )
+        return answers
+
+
+@dataclass
+class _Job:
+    images: list[np.ndarray]
+    future: Future
+
+
+class Batcher:
+    """One batching thread in front of a Predictor, shared by a worker's request threads."""
+
+    def __init__(self, predictor: Predictor, gather_seconds: float = GATHER_SECONDS) -> None:
+        self.predictor = predictor
+        self._gather_seconds = gather_seconds
+        self._ready = threading.Condition()
+        self._waiting: deque[_Job] = deque()
+        # Requests that have arrived and are decoding: worth a short wait to batch them.
+        self._decoding = 0
+        self._thread = threading.Thread(target=self._serve, name="batcher", daemon=True)
+        self._thread.start()
+
+    def predict(self, bodies: list[bytes], timeout: float) -> list[dict]:
+        """Decode in the calling thread, then wait for the batching thread's answers.
+
+        Raises PhotoError (with the photo's index when there are several) for an unusable
+        photo, TimeoutError when the answer takes longer than `timeout` seconds.
+        """
+        with self._ready:
+            self._decoding += 1
+        try:
+            images = [self._decode(body, index, len(bodies)) for index, body in enumerate(bodies)]
+        except BaseException:
+            with self._ready:
+                self._decoding -= 1
+                self._ready.notify()
+            raise
+        job = _Job(images, Future())
+        with self._ready:
+            self._decoding -= 1
+            self._waiting.append(job)
+            self._ready.notify()
+        try:
+            return job.future.result(timeout)
+        except TimeoutError:
+            job.future.cancel()
+            raise
+
+    def _decode(self, body: bytes, index: int, count: int) -> np.ndarray:
+        try:
+            return self.predictor.decode(body)
+        except PhotoError as error:
+            if count == 1:
+                raise
+            raise PhotoError(f"instance {index}: {error}") from None
+
+    def _serve(self) -> None:
+        while True:
+            jobs = self._next_batch()
+            jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]
+            if not jobs:
+                continue
+            try:
+                answers = self.predictor.predict([image for job in jobs for image in job.images])
+            except Exception as error:  # noqa: BLE001 - fail these requests, keep the thread
+                _log.exception("prediction failed for a batch of %d requests", len(jobs))
+                for job in jobs:
+                    job.future.set_exception(error)
+                continue
+            start = 0
+            for job in jobs:
+                job.future.set_result(answers[start : start + len(job.images)])
+                start += len(job.images)
+
+    def _next_batch(self) -> list[_Job]:
+        max_batch = self.predictor.max_batch
+        with self._ready:
+            while not self._waiting:
+                self._ready.wait()
+            deadline = time.monotonic() + self._gather_seconds
+            while self._decoding and sum(len(job.images) for job in self._waiting) < max_batch:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._ready.wait(remaining)
+            jobs = [self._waiting.popleft()]
+            count = len(jobs[0].images)
+            while self._waiting and count + len(self._waiting[0].images) <= max_batch:
+                jobs.append(self._waiting.popleft())
+                count += len(jobs[-1].images)
+            return jobs

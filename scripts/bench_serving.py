@@ -1,0 +1,328 @@
+#!/usr/bin/env python3
+"""Load benchmark: our `serve` (gunicorn, batching) against the seed's way of serving.
+
+One run makes a model bundle (efficientnet_b1, random weights, 3 members by default) and
+~500 px JPEG photos, then, in turn, starts
+  * ours: the real container/serve, and
+  * naive: the seed's handler, one request at a time in a single-threaded http.server:
+    PIL decode, torchvision Resize + ToTensor + Normalize, the members one after another
+    in fp32 at batch 1,
+and sends each the same requests from N concurrent connections. It prints a markdown
+table (requests/s and p50/p95/p99 latency for both, and the ratio) with the machine it
+ran on, and can write it to a file. It runs unchanged on a GPU machine.
+
+    .venv/bin/python scripts/bench_serving.py --requests 2000 --concurrency 8 \
+        --output docs/benchmarks/serving-gpu.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import numpy as np
+import requests
+import torch
+from species_classifier.artifacts import (
+    BundleDescription,
+    Member,
+    load_members,
+    read_description,
+    write_bundle,
+)
+from species_classifier.demo_data import DEMO_TARGETS, make_demo_dataset
+from species_classifier.model import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+SERVE = REPO / "container" / "serve"
+CLASSES = [*DEMO_TARGETS, "other"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=2000, help="per server, per round")
+    parser.add_argument("--concurrency", type=int, default=8, help="concurrent connections")
+    parser.add_argument("--img-size", type=int, default=240)
+    parser.add_argument("--members", type=int, default=3)
+    parser.add_argument("--photo-size", type=int, default=500)
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="alternate the servers this many times each"
+    )
+    parser.add_argument("--output", type=Path, help="also write the markdown here")
+    parser.add_argument(
+        "--naive-server", nargs=2, metavar=("PORT", "MODEL_DIR"), help=argparse.SUPPRESS
+    )
+    args = parser.parse_args()
+    if args.naive_server:
+        run_naive_server(int(args.naive_server[0]), Path(args.naive_server[1]))
+        return
+
+    with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
+        base = Path(tmp)
+        print(f"making a {args.members}-member bundle at {args.img_size} px and photos ...")
+        make_bundle(base / "model", args.img_size, args.members)
+        photos = make_photos(base / "photos", args.photo_size)
+        results: dict[str, list[dict]] = {"ours": [], "naive": []}
+        for round_number in range(1, args.rounds + 1):
+            for name in ("ours", "naive"):
+                print(f"round {round_number}: {name} ...", flush=True)
+                results[name].append(bench_server(name, base, photos, args))
+                print(f"  {summary_line(results[name][-1])}", flush=True)
+    table = report(results, args)
+    print(table)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(table)
+
+
+# --- inputs ---
+
+
+def make_bundle(model_dir: Path, img_size: int, members: int) -> None:
+    names = [Member(f"fold-{k}", f"fold-{k}.pt") for k in range(1, members + 1)]
+    state_dicts = {}
+    for seed, member in enumerate(names):
+        torch.manual_seed(seed)
+        state_dicts[member.name] = build_model(len(CLASSES), pretrained=False).state_dict()
+    write_bundle(model_dir, BundleDescription(CLASSES, img_size, names), state_dicts)
+
+
+def make_photos(root: Path, photo_size: int) -> list[bytes]:
+    make_demo_dataset(root, photos_per_species=8, photo_size=photo_size)
+    return [path.read_bytes() for path in sorted(root.glob("images/*/*.jpg"))]
+
+
+# --- servers ---
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_server(name: str, base: Path, port: int, log_path: Path) -> subprocess.Popen:
+    env = {**os.environ, "SAGEMAKER_BASE_DIR": str(base), "SAGEMAKER_BIND_TO_PORT": str(port)}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    if name == "ours":
+        command = [str(SERVE)]
+    else:
+        command = [sys.executable, __file__, "--naive-server", str(port), str(base / "model")]
+    with log_path.open("w") as log:
+        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_ready(url: str, process: subprocess.Popen, log_path: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            sys.exit(f"server exited with {process.returncode}:\n{log_path.read_text()}")
+        try:
+            if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    sys.exit(f"server not ready after {timeout} s:\n{log_path.read_text()}")
+
+
+def bench_server(name: str, base: Path, photos: list[bytes], args) -> dict:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = base / f"{name}.log"
+    process = start_server(name, base, port, log_path)
+    try:
+        wait_ready(url, process, log_path)
+        # Warm-up: the first requests pay for allocations and kernel selection.
+        load(url, photos, 2 * args.concurrency, args.concurrency)
+        return load(url, photos, args.requests, args.concurrency)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def load(url: str, photos: list[bytes], total: int, concurrency: int) -> dict:
+    """`total` POSTs of the photos in turn from `concurrency` threads, each with its own
+    connection; returns the throughput and every latency."""
+    latencies: list[float] = []
+    failures: list[str] = []
+    counter = iter(range(total))
+    lock = threading.Lock()
+
+    def client() -> None:
+        session = requests.Session()
+        while True:
+            with lock:
+                index = next(counter, None)
+            if index is None:
+                return
+            started = time.perf_counter()
+            response = session.post(
+                f"{url}/invocations",
+                data=photos[index % len(photos)],
+                headers={"Content-Type": "image/jpeg"},
+                timeout=300,
+            )
+            elapsed = time.perf_counter() - started
+            with lock:
+                if response.status_code == 200 and "predicted_species" in response.json():
+                    latencies.append(elapsed)
+                else:
+                    failures.append(f"{response.status_code} {response.text[:200]}")
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    if failures:
+        sys.exit(f"{len(failures)} requests failed, e.g. {failures[0]}")
+    return {"requests": len(latencies), "seconds": wall, "latencies": latencies}
+
+
+def run_naive_server(port: int, model_dir: Path) -> None:
+    """The seed's handler: one request at a time, batch 1, fp32, members in turn."""
+    from PIL import Image
+    from torchvision import transforms
+
+    description = read_description(model_dir)
+    networks = load_members(model_dir, description)
+    preprocess = transforms.Compose(
+        [
+            transforms.Resize((description.img_size, description.img_size)),
+            transforms.ToTensor(),
+            transforms.Normalize(description.mean, description.std),
+        ]
+    )
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == "/ping" else 404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            image = Image.open(io.BytesIO(body)).convert("RGB")
+            batch = preprocess(image).unsqueeze(0)
+            with torch.no_grad():
+                probs = [torch.softmax(net(batch), dim=1)[0] for net in networks]
+            mean = torch.stack(probs).mean(0)
+            best = int(mean.argmax())
+            answer = json.dumps(
+                {
+                    "predicted_species": description.classes[best],
+                    "confidence": float(mean[best]),
+                    "class_probabilities": dict(
+                        zip(description.classes, mean.tolist(), strict=True)
+                    ),
+                    "individual_fold_predictions": [
+                        {
+                            "fold": m.name,
+                            "predicted_species": description.classes[int(p.argmax())],
+                            "confidence": float(p.max()),
+                        }
+                        for m, p in zip(description.members, probs, strict=True)
+                    ],
+                }
+            ).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    class Server(HTTPServer):
+        # http.server's default backlog of 5 drops the connections of 8 clients and the
+        # TCP retries would dominate the latencies; the seed's server was not that bad.
+        request_queue_size = 128
+
+    server = Server(("127.0.0.1", port), Handler)
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    server.serve_forever()
+
+
+# --- report ---
+
+
+def stats(runs: list[dict]) -> dict:
+    latencies = np.array([value for run in runs for value in run["latencies"]]) * 1000
+    count = sum(run["requests"] for run in runs)
+    seconds = sum(run["seconds"] for run in runs)
+    p50, p95, p99 = np.percentile(latencies, [50, 95, 99])
+    return {"rps": count / seconds, "p50": p50, "p95": p95, "p99": p99, "count": count}
+
+
+def summary_line(run: dict) -> str:
+    s = stats([run])
+    return (
+        f"{s['count']} requests, {s['rps']:.2f} req/s, p50 {s['p50']:.0f} ms, p99 {s['p99']:.0f} ms"
+    )
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+    return (
+        f"CPU: {cpu}, {cores} cores; GPU: {gpu}; torch {torch.__version__}; "
+        f"Python {platform.python_version()}; load average at the end: {load}"
+    )
+
+
+def report(results: dict[str, list[dict]], args) -> str:
+    ours, naive = stats(results["ours"]), stats(results["naive"])
+    rows = [
+        "| server | requests | requests/s | p50 ms | p95 ms | p99 ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, label in (
+        ("naive", "naive (seed's handler)"),
+        ("ours", "ours (gunicorn + batching)"),
+    ):
+        s = {"naive": naive, "ours": ours}[name]
+        rows.append(
+            f"| {label} | {s['count']} | {s['rps']:.2f} | {s['p50']:.0f} | {s['p95']:.0f} | {s['p99']:.0f} |"
+        )
+    rows.append(
+        f"| ratio ours / naive | | **{ours['rps'] / naive['rps']:.2f}x** | "
+        f"{ours['p50'] / naive['p50']:.2f} | {ours['p95'] / naive['p95']:.2f} | {ours['p99'] / naive['p99']:.2f} |"
+    )
+    settings = (
+        f"efficientnet_b1, {args.members} members, {args.img_size} px, random weights; "
+        f"{args.photo_size} px JPEG photos; {args.concurrency} concurrent connections; "
+        f"{args.rounds} round(s) of {args.requests} requests per server"
+    )
+    return "\n".join([f"Machine: {machine()}", "", f"Setup: {settings}", "", *rows, ""])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Helpers for the serving tests and benchmark: a model bundle, photos, and a real `serve`."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+import torch
+from photos import encode
+from PIL import Image
+from species_classifier.artifacts import BundleDescription, Member, write_bundle
+from species_classifier.model import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+SERVE = REPO / "container" / "serve"
+CLASSES = ["Lycorma delicatula", "Zenaida macroura", "Acer rubrum", "Erigeron canadensis", "other"]
+
+
+def make_bundle(model_dir: Path, img_size: int = 64, members: int = 3) -> Path:
+    """A bundle like training writes, with random weights (a different seed per member)."""
+    names = [Member(f"fold-{k}", f"fold-{k}.pt") for k in range(1, members + 1)]
+    state_dicts = {}
+    for seed, member in enumerate(names):
+        torch.manual_seed(seed)
+        state_dicts[member.name] = build_model(len(CLASSES), pretrained=False).state_dict()
+    description = BundleDescription(classes=CLASSES, img_size=img_size, members=names)
+    write_bundle(model_dir, description, state_dicts)
+    return model_dir
+
+
+def photo(seed: int, size: tuple[int, int] = (96, 72), fmt: str = "JPEG") -> bytes:
+    """A noisy photo with a coloured block: different seeds give clearly different answers."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    pixels[: size[1] // 2, : size[0] // 2] = rng.integers(0, 256, 3, dtype=np.uint8)
+    return encode(Image.fromarray(pixels), fmt)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def serve_env(base: Path, port: int, **extra: str) -> dict:
+    """The environment of `serve` outside the image: this venv's python first on PATH."""
+    env = {**os.environ, "SAGEMAKER_BASE_DIR": str(base), "PYTHONUNBUFFERED": "1", **extra}
+    env["SAGEMAKER_BIND_TO_PORT"] = str(port)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+class ServerProcess:
+    """container/serve in a subprocess, its output in a file (a pipe could fill and block)."""
+
+    def __init__(self, base: Path, log_path: Path, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._log_file = log_path.open("w")
+        self.process = subprocess.Popen(
+            [str(SERVE)],
+            env=serve_env(base, self.port, **env),
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+        )
+        self.early_pings: list[str] = []
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        """Poll /ping until 200; every answer before it is kept in early_pings."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"serve exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                response = requests.get(f"{self.url}/ping", timeout=1)
+            except requests.RequestException as error:
+                self.early_pings.append(type(error).__name__)
+            else:
+                if response.status_code == 200:
+                    return
+                self.early_pings.append(str(response.status_code))
+            time.sleep(0.1)
+        raise TimeoutError(f"serve not ready after {timeout} s:\n{self.log()}")
+
+    def terminate(self, timeout: float = 40) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+        finally:
+            self._log_file.close()
+
+
+def run_serve(base: Path, timeout: float = 60, **env: str) -> subprocess.CompletedProcess:
+    """`serve` to completion: for start-ups that must fail."""
+    return subprocess.run(
+        [str(SERVE)],
+        env=serve_env(base, free_port(), **env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
