@@ -41,6 +41,7 @@ import os
 import sys
 import tempfile
 import time
+import tomllib
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -50,7 +51,6 @@ from pathlib import Path
 from typing import IO, Protocol
 
 import boto3
-import tomllib
 from botocore import UNSIGNED
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from species_classifier.demo_data import DEMO_TARGETS, make_demo_dataset
 
 REPO = Path(__file__).resolve().parents[1]

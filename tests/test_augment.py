@@ -3,7 +3,6 @@
 import math
 
 import torch
-
 from species_classifier.augment import augment, random_affine_matrices
 
 
@@ -29,4 +28,4 @@ def test_same_generator_seed_same_batch():
     other = augment(pixels, torch.Generator().manual_seed(4))
     assert first.shape == (6, 3, 32, 32) and first.dtype == torch.float32
     assert torch.equal(first, again) and not torch.equal(first, other)
-    assert 0 <= first.min() and first.max() <= 255
+    assert first.min() >= 0 and first.max() <= 255

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from species_classifier.config import ConfigError, TrainingConfig, parse_hyperparameters
 
 
@@ -21,14 +20,25 @@ def decoded(raw: dict[str, str]) -> dict:
 def test_defaults_are_the_seeds():
     config = parse_hyperparameters({"target_species": "A b,C d"})
     assert config == TrainingConfig(target_species=("A b", "C d"))
-    assert (config.img_size, config.batch_size, config.k_folds, config.num_epochs) == (240, 64, 3, 20)
+    assert (config.img_size, config.batch_size, config.k_folds, config.num_epochs) == (
+        240,
+        64,
+        3,
+        20,
+    )
     assert (config.learning_rate, config.epoch_patience, config.seed) == (1e-4, 5, 42)
     assert config.pretrained is True and config.downsample_other is False
 
 
 def test_plain_and_sdk_quoted_strings_parse_alike():
-    plain = {"target_species": "A b, C d", "k-folds": "5", "learning_rate": "0.001",
-             "downsample_other": "true", "downsample_frac": "0.25", "pretrained": "False"}  # fmt: skip
+    plain = {
+        "target_species": "A b, C d",
+        "k-folds": "5",
+        "learning_rate": "0.001",
+        "downsample_other": "true",
+        "downsample_frac": "0.25",
+        "pretrained": "False",
+    }
     quoted = {key: json.dumps(value) for key, value in plain.items()}
     for raw in (plain, decoded(plain), decoded(quoted)):
         config = parse_hyperparameters(raw)
@@ -40,8 +50,12 @@ def test_plain_and_sdk_quoted_strings_parse_alike():
 
 def test_unknown_and_sagemaker_keys_are_ignored():
     config = parse_hyperparameters(
-        {"target_species": "A", "_tuning_objective_metric": "validation:macro_f1",
-         "sagemaker_region": "us-east-1", "made_up": "1"}  # fmt: skip
+        {
+            "target_species": "A",
+            "_tuning_objective_metric": "validation:macro_f1",
+            "sagemaker_region": "us-east-1",
+            "made_up": "1",
+        }
     )
     assert config.target_species == ("A",)
 

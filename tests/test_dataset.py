@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from species_classifier.dataset import (
     DatasetError,
     check_class_sizes,
@@ -23,7 +22,9 @@ def rows_for(counts: dict[str, int]) -> list[tuple[str, str]]:
 
 
 def test_targets_keep_their_names_and_the_rest_is_other_in_sorted_order(tmp_path):
-    rows = rows_for({"Zenaida macroura": 3, "Acer rubrum": 2, "Quercus alba": 4, "Acer saccharum": 1})
+    rows = rows_for(
+        {"Zenaida macroura": 3, "Acer rubrum": 2, "Quercus alba": 4, "Acer saccharum": 1}
+    )
     photos = label_photos(rows, tmp_path, ("Zenaida macroura", "Acer rubrum"), False, 0.5, 42)
     assert photos.classes == ["Acer rubrum", "Zenaida macroura", "other"]
     assert photos.class_counts() == {"Acer rubrum": 2, "Zenaida macroura": 3, "other": 5}
@@ -40,7 +41,9 @@ def test_downsampling_keeps_a_seeded_fraction_of_other_only(tmp_path):
 
 def test_missing_target_names_the_closest_species(tmp_path):
     rows = rows_for({"Acer rubrum": 3, "Acer saccharum": 3})
-    with pytest.raises(DatasetError, match=r"'Acer rubra' does not occur.*'Acer rubrum' \(3 photos\)"):
+    with pytest.raises(
+        DatasetError, match=r"'Acer rubra' does not occur.*'Acer rubrum' \(3 photos\)"
+    ):
         label_photos(rows, tmp_path, ("Acer rubra",), False, 0.5, 42)
 
 

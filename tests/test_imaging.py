@@ -14,8 +14,13 @@ from photos import (
     transparent_png,
     truncated_jpeg,
 )
-
-from species_classifier.imaging import IMAGENET_MEAN, IMAGENET_STD, PhotoError, decode_photo, normalize
+from species_classifier.imaging import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PhotoError,
+    decode_photo,
+    normalize,
+)
 
 
 def test_jpeg_becomes_a_square_uint8_rgb_array():

@@ -12,6 +12,7 @@ there is no second copy of the constants that could drift from training.
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -97,7 +98,7 @@ def load_members(model_dir: Path, description: BundleDescription) -> list[torch.
         network = build_model(len(description.classes), pretrained=False)
         try:
             network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        except (RuntimeError, OSError, ValueError) as error:
+        except (RuntimeError, OSError, ValueError, pickle.UnpicklingError) as error:
             raise BundleError(f"{weights} does not load: {str(error)[:300]}") from None
         networks.append(network.eval())
     return networks

@@ -72,16 +72,25 @@ def build_cache(
 
     workers = workers or os.cpu_count() or 1
     started = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
         for done, _ in enumerate(pool.map(decode_into, range(len(paths))), start=1):
             if done % 5000 == 0:
                 _log.info("photo cache: decoded %d/%d", done, len(paths))
+    finally:
+        # On SIGTERM, drop the queued photos instead of decoding them all before exiting.
+        pool.shutdown(cancel_futures=True)
     seconds = time.perf_counter() - started
     _log.info(
         "photo cache: %d photos decoded to %dx%d in %.1f s (%.0f photos/s, %d threads, %.2f GB)",
-        len(paths), img_size, img_size, seconds, len(paths) / max(seconds, 1e-9), workers,
+        len(paths),
+        img_size,
+        img_size,
+        seconds,
+        len(paths) / max(seconds, 1e-9),
+        workers,
         pixels.nbytes / 1e9,
-    )  # fmt: skip
+    )
     cache = PhotoCache(pixels, failures)
     if store_dir is not None:
         _store(store_dir, key, cache)

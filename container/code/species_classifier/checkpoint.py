@@ -35,12 +35,15 @@ class CheckpointStore:
         """Create the folder; drop fold files that another job (other data or settings) left."""
         self.directory.mkdir(parents=True, exist_ok=True)
         job_file = self.directory / JOB_FILE
-        previous = json.loads(job_file.read_text()).get("fingerprint") if job_file.is_file() else None
+        previous = (
+            json.loads(job_file.read_text()).get("fingerprint") if job_file.is_file() else None
+        )
         if previous not in (None, self.fingerprint):
             _log.warning(
                 "checkpoints in %s belong to a different job (data or hyperparameters "
-                "changed): starting from scratch", self.directory,
-            )  # fmt: skip
+                "changed): starting from scratch",
+                self.directory,
+            )
             for stale in self.directory.glob("fold-*.pt"):
                 stale.unlink()
         _write_atomically(job_file, json.dumps({"fingerprint": self.fingerprint}).encode())

@@ -42,6 +42,7 @@ class TrainingConfig:
     compile: bool = False
     cache_device: str = "auto"
     decode_workers: int = 0
+    workers_per_host: int = 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -58,6 +59,7 @@ _RANGES = {
     "downsample_frac": (1e-6, 1.0),
     "seed": (0, 2**31 - 1),
     "decode_workers": (0, 256),
+    "workers_per_host": (0, 64),
 }
 _CHOICES = {"precision": PRECISIONS, "cache_device": CACHE_DEVICES}
 _IGNORED_PREFIXES = ("sagemaker_", "_")

@@ -61,7 +61,9 @@ def find_csv(channel_dir: Path, csv_file: str | None) -> Path:
         path = channel_dir / csv_file
         if not path.is_file():
             found = sorted(p.name for p in channel_dir.glob("*.csv"))
-            raise DatasetError(f"csv_file={csv_file!r} is not in the training channel (CSVs there: {found})")
+            raise DatasetError(
+                f"csv_file={csv_file!r} is not in the training channel (CSVs there: {found})"
+            )
         return path
     candidates = sorted(channel_dir.glob("*.csv"))
     if len(candidates) == 1:
@@ -130,7 +132,9 @@ def label_photos(
     if downsample_other and OTHER in index:
         others = np.flatnonzero(photos.labels == index[OTHER])
         keep_count = max(1, round(len(others) * downsample_frac))
-        dropped = np.random.default_rng(seed).choice(others, len(others) - keep_count, replace=False)
+        dropped = np.random.default_rng(seed).choice(
+            others, len(others) - keep_count, replace=False
+        )
         keep = np.ones(len(rows), dtype=bool)
         keep[dropped] = False
         photos = photos.subset(keep)
@@ -140,7 +144,9 @@ def label_photos(
 def _missing_target_message(target: str, present: Counter) -> str:
     close = difflib.get_close_matches(target, present.keys(), n=3, cutoff=0.6)
     if close:
-        hint = "closest species in the CSV: " + ", ".join(f"{n!r} ({present[n]} photos)" for n in close)
+        hint = "closest species in the CSV: " + ", ".join(
+            f"{n!r} ({present[n]} photos)" for n in close
+        )
     else:
         common = ", ".join(f"{n!r} ({c})" for n, c in present.most_common(5))
         hint = f"most common species in the CSV: {common}"

@@ -1,8 +1,8 @@
 """A generated photo set with a learnable difference between classes, for demos and tests.
 
-Each class gets its own colour and stripe direction under random noise, blobs and
-brightness, saved as ~500 px JPEGs (the size of iNaturalist's "medium" photos) with a CSV
-in the format `train` reads. Nothing is downloaded and nothing binary is committed.
+Each class gets its own colour under random noise, blobs and brightness, saved as
+~500 px JPEGs (the size of iNaturalist's "medium" photos) with a CSV in the format
+`train` reads. Nothing is downloaded and nothing binary is committed.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -48,18 +49,61 @@ def make_demo_dataset(
 
 
 def _photo(index: int, count: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    # The class colour dominates, so even a randomly initialised network picks it up within
+    # a few epochs on a CPU; blobs and noise keep the photos from being identical and give
+    # JPEG decoding as much work as a real photo of that size.
     hue = index / count
     colour = np.array([np.cos(2 * np.pi * (hue + k / 3)) for k in range(3)]) * 0.5 + 0.5
-    angle = np.pi * index / count
     y, x = np.mgrid[0:size, 0:size] / size
-    stripes = 0.5 + 0.5 * np.sin(2 * np.pi * 6 * (x * np.cos(angle) + y * np.sin(angle)))
-    image = stripes[..., None] * colour * rng.uniform(0.7, 1.0)
+    image = np.ones((size, size, 3)) * colour * rng.uniform(0.8, 1.0)
     for _ in range(3):
-        cy, cx, radius = rng.uniform(0, 1, 2).tolist() + [rng.uniform(0.05, 0.2)]
+        cy, cx, radius = rng.uniform(0, 1, 2).tolist() + [rng.uniform(0.03, 0.1)]
         blob = ((y - cy) ** 2 + (x - cx) ** 2) < radius**2
         image[blob] = rng.uniform(0, 1, 3)
     image += rng.normal(0, 0.08, image.shape)
     return (np.clip(image, 0, 1) * 255).astype(np.uint8)
+
+
+def pretrain_stand_in_weights(
+    torch_home: Path, steps: int = 120, img_size: int = 32, seed: int = 1
+) -> Path:
+    """Stand-in for the ImageNet weights where they cannot be downloaded (tests, offline demos).
+
+    A randomly initialised efficientnet_b1 needs hundreds of steps before its batch-norm
+    statistics settle, far more than a short demo run has. This trains the full ImageNet-shaped
+    network briefly (flat Adam, ~30 s on two CPU cores) on generated photos of another seed
+    than the demo's, and saves it where `pretrained=true` looks for the real weights.
+    """
+    import torch  # imported here: writing a demo dataset needs no torch
+    from torchvision.models import efficientnet_b1
+
+    from species_classifier.augment import augment
+    from species_classifier.imaging import decode_photo, normalize
+    from species_classifier.model import pretrained_weights_path
+
+    # Where torch.hub (and so pretrained=true) looks when TORCH_HOME is torch_home.
+    target = torch_home / "hub" / "checkpoints" / pretrained_weights_path().name
+    with tempfile.TemporaryDirectory() as scratch:
+        make_demo_dataset(Path(scratch), photos_per_species=16, photo_size=160, seed=seed)
+        files = sorted(Path(scratch).glob("images/*/*.jpg"))
+        species = sorted({f.parent.name for f in files})
+        labels = torch.tensor([species.index(f.parent.name) for f in files])
+        pixels = torch.from_numpy(np.stack([decode_photo(f, img_size) for f in files]))
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    network = efficientnet_b1()
+    optimizer = torch.optim.Adam(network.parameters(), lr=1e-3)
+    network.train()
+    for _ in range(steps):
+        rows = torch.randint(0, len(labels), (16,), generator=generator)
+        inputs = normalize(augment(pixels[rows], generator))
+        loss = torch.nn.functional.cross_entropy(network(inputs), labels[rows])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(network.state_dict(), target)
+    return target
 
 
 def main() -> None:
@@ -68,10 +112,20 @@ def main() -> None:
     parser.add_argument("--photos-per-species", type=int, default=12)
     parser.add_argument("--photo-size", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--stand-in-weights",
+        type=Path,
+        metavar="TORCH_HOME",
+        help="also pretrain stand-in ImageNet weights into this TORCH_HOME (no download needed)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    csv_path = make_demo_dataset(args.root, args.photos_per_species, args.photo_size, seed=args.seed)
+    csv_path = make_demo_dataset(
+        args.root, args.photos_per_species, args.photo_size, seed=args.seed
+    )
     _log.info("demo dataset: %s", csv_path)
+    if args.stand_in_weights:
+        _log.info("stand-in weights: %s", pretrain_stand_in_weights(args.stand_in_weights))
 
 
 if __name__ == "__main__":

@@ -85,7 +85,11 @@ def summarize(
         "mean_macro_f1": float(fold_f1.mean()),
         "std_macro_f1": float(fold_f1.std()),
         "out_of_fold": pooled,
-        "photos": {"used": len(photos.labels), "skipped": skipped, "per_class": photos.class_counts()},
+        "photos": {
+            "used": len(photos.labels),
+            "skipped": skipped,
+            "per_class": photos.class_counts(),
+        },
     }
 
 
@@ -148,7 +152,9 @@ def _plot_curves(path: Path, state: FoldState) -> None:
     loss_axis.set(title=f"Fold {state.fold}: loss", xlabel="epoch", ylabel="weighted cross-entropy")
     loss_axis.legend()
     f1_axis.plot(epochs, [r.val_macro_f1 for r in state.history], marker="o", color="tab:green")
-    f1_axis.axvline(state.best_epoch, linestyle="--", color="grey", label=f"best epoch {state.best_epoch}")
+    f1_axis.axvline(
+        state.best_epoch, linestyle="--", color="grey", label=f"best epoch {state.best_epoch}"
+    )
     f1_axis.set(title=f"Fold {state.fold}: validation macro-F1", xlabel="epoch", ylim=(0, 1.02))
     f1_axis.legend()
     figure.tight_layout()

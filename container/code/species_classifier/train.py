@@ -18,10 +18,13 @@ import signal
 import sys
 import time
 import traceback
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from species_classifier import metric_lines
 from species_classifier.artifacts import BundleDescription, Member, write_bundle
@@ -37,6 +40,7 @@ from species_classifier.dataset import (
     make_folds,
     read_rows,
 )
+from species_classifier.distributed import Workers, join_process_group, launch, read_topology
 from species_classifier.evaluation import summarize, write_outputs, write_skipped
 from species_classifier.model import WeightsMissingError, build_model
 from species_classifier.paths import BASE_DIR_ENV, JobPaths
@@ -58,22 +62,55 @@ GPU_CACHE_SHARE = 0.5
 
 
 def main() -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout
-    )
+    _configure_logging()
     paths = JobPaths.from_environment()
     paths.failure_file.unlink(missing_ok=True)
     signal.signal(signal.SIGTERM, _stop_on_signal)
     try:
-        run(paths)
-    except TrainingStopped as stop:
-        return _fail(paths, f"Stopped by {stop}", EXIT_STOPPED, detail=_resume_note(paths))
+        config = read_config(paths)
+        topology = read_topology(paths.resource_config, config.workers_per_host)
+        if topology.world_size == 1:
+            run(paths, config, Workers())
+        else:
+            run_id = os.environ.get("TRAINING_JOB_NAME", "species-classifier")
+            launch(topology, run_id, worker_main, str(paths.base))
+    except (TrainingStopped, SignalException) as stop:
+        name = stop.args[0] if isinstance(stop, TrainingStopped) else stop.sigval.name
+        return _fail(paths, f"Stopped by {name}", EXIT_STOPPED, detail=_resume_note(paths))
     except (ConfigError, DatasetError, WeightsMissingError) as error:
         return _fail(paths, str(error), EXIT_FAILED)
+    except ChildFailedError as error:
+        rank, failure = error.get_first_failure()
+        message = (
+            failure.message["message"] if isinstance(failure.message, dict) else failure.message
+        )
+        return _fail(paths, f"worker rank {rank} failed: {message}", EXIT_FAILED, detail=str(error))
     except Exception as error:  # noqa: BLE001 - the job's failure boundary: report, never hang
         reason = f"Unexpected error: {type(error).__name__}: {error}"
         return _fail(paths, reason, EXIT_FAILED, detail=traceback.format_exc())
     return 0
+
+
+def worker_main(base: str) -> None:
+    """One of several workers (started by `launch`): its errors reach main() through the launcher."""
+    rank = os.environ.get("RANK", "?")
+    _configure_logging(prefix=f"[rank {rank}] ")
+    signal.signal(signal.SIGTERM, _stop_on_signal)
+    paths = JobPaths(Path(base))
+    workers = join_process_group()
+    try:
+        run(paths, read_config(paths), workers)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _configure_logging(prefix: str = "") -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s %(levelname)s {prefix}%(message)s",
+        stream=sys.stdout,
+        force=True,
+    )
 
 
 def _stop_on_signal(signum: int, _frame) -> None:
@@ -115,55 +152,64 @@ def read_config(paths: JobPaths) -> TrainingConfig:
     return parse_hyperparameters(raw)
 
 
-def run(paths: JobPaths) -> None:
+def run(paths: JobPaths, config: TrainingConfig, workers: Workers) -> None:
+    """The whole job as one worker sees it: its own folds, and on the leader the outputs."""
     job_started = time.perf_counter()
-    config = read_config(paths)
-    _log.info("hyperparameters: %s", json.dumps(config.to_dict()))
+    if workers.is_leader:
+        _log.info("hyperparameters: %s", json.dumps(config.to_dict()))
     channel = paths.training_channel
     csv_path = find_csv(channel, config.csv_file)
     photos = label_photos(
-        read_rows(csv_path), channel, config.target_species,
-        config.downsample_other, config.downsample_frac, config.seed,
-    )  # fmt: skip
+        read_rows(csv_path),
+        channel,
+        config.target_species,
+        config.downsample_other,
+        config.downsample_frac,
+        config.seed,
+    )
     _log.info("%s: %d photos, classes %s", csv_path.name, len(photos.labels), photos.class_counts())
     check_class_sizes(photos, config.k_folds)
 
-    cache = build_cache(
-        photos.paths, channel, config.img_size, config.decode_workers, paths.checkpoint_dir
-    )
-    if cache.failures:
-        skipped = [
-            (str(photos.paths[row].relative_to(channel)), photos.species[row], reason)
-            for row, reason in sorted(cache.failures.items())
-        ]
-        write_skipped(paths.output_data_dir / "skipped_images.csv", skipped)
-        _log.warning(
-            "left out %d unreadable photo(s), listed in skipped_images.csv; first: %s: %s",
-            len(skipped), skipped[0][0], skipped[0][2],
-        )  # fmt: skip
+    cache = _shared_cache(paths, config, photos, workers)
+    if cache.failures and workers.is_leader:
+        _report_unreadable(paths, photos, cache.failures)
     readable = cache.readable
     photos = photos.subset(readable)
     check_class_sizes(photos, config.k_folds, unreadable=len(cache.failures))
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = workers.device()
     pixels = _place_cache(torch.from_numpy(cache.pixels[readable]), device, config.cache_device)
     labels = torch.from_numpy(photos.labels)
     folds = make_folds(photos.labels, config.k_folds, config.seed)
     store = CheckpointStore(paths.checkpoint_dir, _fingerprint(config, photos, channel))
-    store.open()
+    if workers.local_rank == 0:
+        store.open()
+    workers.barrier()
 
+    torch.manual_seed(config.seed)  # random initial weights, when not pretrained, are the job's own
     model = build_model(len(photos.classes), config.pretrained)
     trainer = FoldTrainer(model, config, device, len(photos.classes))
+    my_folds = [fold for fold in range(1, len(folds) + 1) if workers.owns_fold(fold)]
     _log.info(
-        "device %s, precision %s, compile %s, %d fold(s) of up to %d epochs",
-        _device_name(device), trainer.precision, config.compile, len(folds), config.num_epochs,
-    )  # fmt: skip
-    progress = _Progress(config, len(folds))
+        "device %s, precision %s, compile %s, fold(s) %s of %d, up to %d epochs each",
+        _device_name(device),
+        trainer.precision,
+        config.compile,
+        my_folds,
+        len(folds),
+        config.num_epochs,
+    )
+    progress = _Progress(config, len(my_folds))
     finished: list[FoldState] = []
-    for fold, (train_index, val_index) in enumerate(folds, start=1):
+    for fold in my_folds:
+        train_index, val_index = folds[fold - 1]
         done = store.load_finished(fold)
         if done is not None:
-            _log.info("fold %d: finished in an earlier run (macro-F1 %.4f), skipping", fold, done.best_macro_f1)
+            _log.info(
+                "fold %d: finished in an earlier run (macro-F1 %.4f), skipping",
+                fold,
+                done.best_macro_f1,
+            )
             finished.append(done)
             continue
         state = store.load_progress(fold) or FoldState(fold=fold)
@@ -172,9 +218,15 @@ def run(paths: JobPaths) -> None:
         data = FoldData(pixels, labels, train_index, val_index)
         state = trainer.run(data, state, store.save_progress, progress.report)
         store.save_finished(state)
-        _log.info("fold %d: best macro-F1 %.4f at epoch %d", fold, state.best_macro_f1, state.best_epoch)
+        _log.info(
+            "fold %d: best macro-F1 %.4f at epoch %d", fold, state.best_macro_f1, state.best_epoch
+        )
         finished.append(state)
 
+    gathered = workers.gather_to_leader(finished)
+    if not workers.is_leader:
+        return
+    finished = sorted((s for states in gathered for s in states), key=lambda s: s.fold)
     fold_indices = [val for _, val in folds]
     metrics = summarize(finished, fold_indices, photos, skipped=len(cache.failures))
     _log.info(
@@ -183,15 +235,58 @@ def run(paths: JobPaths) -> None:
             metrics["mean_macro_f1"], metrics["std_macro_f1"], metrics["out_of_fold"]["macro_f1"]
         ),
     )
-    settings = {**config.to_dict(), "csv": csv_path.name, "device": _device_name(device),
-                "precision": trainer.precision}  # fmt: skip
+    settings = {
+        **config.to_dict(),
+        "csv": csv_path.name,
+        "device": _device_name(device),
+        "precision": trainer.precision,
+        "workers": workers.world_size,
+    }
     write_outputs(paths.output_data_dir, metrics, finished, fold_indices, photos, channel, settings)
     _write_model(paths, config, photos, finished, metrics, settings)
     _log.info(
         "done in %s: model in %s, report in %s",
-        format_duration(time.perf_counter() - job_started), paths.model_dir,
+        format_duration(time.perf_counter() - job_started),
+        paths.model_dir,
         paths.output_data_dir / "report.md",
-    )  # fmt: skip
+    )
+
+
+def _shared_cache(paths, config, photos, workers: Workers):
+    """One decode per host: its first worker builds the cache, the others load what it stored."""
+    if workers.local_rank == 0:
+        cache = build_cache(
+            photos.paths,
+            paths.training_channel,
+            config.img_size,
+            config.decode_workers,
+            paths.checkpoint_dir,
+        )
+    workers.barrier()
+    if workers.local_rank != 0:
+        cache = build_cache(
+            photos.paths,
+            paths.training_channel,
+            config.img_size,
+            config.decode_workers,
+            paths.checkpoint_dir,
+        )
+    return cache
+
+
+def _report_unreadable(paths: JobPaths, photos: LabelledPhotos, failures: dict[int, str]) -> None:
+    channel = paths.training_channel
+    skipped = [
+        (str(photos.paths[row].relative_to(channel)), photos.species[row], reason)
+        for row, reason in sorted(failures.items())
+    ]
+    write_skipped(paths.output_data_dir / "skipped_images.csv", skipped)
+    _log.warning(
+        "left out %d unreadable photo(s), listed in skipped_images.csv; first: %s: %s",
+        len(skipped),
+        skipped[0][0],
+        skipped[0][2],
+    )
 
 
 def _place_cache(pixels: torch.Tensor, device: torch.device, preference: str) -> torch.Tensor:
@@ -203,18 +298,23 @@ def _place_cache(pixels: torch.Tensor, device: torch.device, preference: str) ->
     free, _ = torch.cuda.mem_get_info(device)
     budget = free * GPU_CACHE_SHARE
     if preference == "gpu" or pixels.nbytes <= budget:
-        _log.info("photo cache: %.2f GB in GPU memory (budget %.2f GB)", pixels.nbytes / 1e9, budget / 1e9)
+        _log.info(
+            "photo cache: %.2f GB in GPU memory (budget %.2f GB)", pixels.nbytes / 1e9, budget / 1e9
+        )
         return pixels.to(device)
     _log.info(
         "photo cache: %.2f GB exceeds the GPU budget of %.2f GB: pinned host memory",
-        pixels.nbytes / 1e9, budget / 1e9,
-    )  # fmt: skip
+        pixels.nbytes / 1e9,
+        budget / 1e9,
+    )
     return pixels.pin_memory()
 
 
 def _fingerprint(config: TrainingConfig, photos: LabelledPhotos, channel) -> str:
     """What makes two runs the same job: settings that change results, and the data."""
-    settings = {k: v for k, v in config.to_dict().items() if k not in ("decode_workers", "cache_device")}
+    settings = {
+        k: v for k, v in config.to_dict().items() if k not in ("decode_workers", "cache_device")
+    }
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for path, label in zip(photos.paths, photos.labels.tolist(), strict=True):
         digest.update(f"\n{path.relative_to(channel)}:{label}".encode())
@@ -239,21 +339,32 @@ class _Progress:
         fold_left = per_epoch * (self.config.num_epochs - record.epoch)
         job_left = fold_left + per_epoch * self.config.num_epochs * (self.fold_count - state.fold)
         line = metric_lines.epoch_line(
-            state.fold, record.epoch, record.train_loss, record.val_loss,
-            record.val_macro_f1, record.img_per_s,
-        )  # fmt: skip
+            state.fold,
+            record.epoch,
+            record.train_loss,
+            record.val_loss,
+            record.val_macro_f1,
+            record.img_per_s,
+        )
         _log.info(
             "%s lr=%.2g best=%.4f@%d epoch_s=%.1f eta_fold<=%s eta_job<=%s",
-            line, record.learning_rate, state.best_macro_f1, state.best_epoch, record.seconds,
-            format_duration(fold_left), format_duration(job_left),
-        )  # fmt: skip
+            line,
+            record.learning_rate,
+            state.best_macro_f1,
+            state.best_epoch,
+            record.seconds,
+            format_duration(fold_left),
+            format_duration(job_left),
+        )
 
 
 def _write_model(paths, config, photos, finished, metrics, settings) -> None:
     for stale in list(paths.model_dir.glob("fold-*.pt")) + list(paths.model_dir.glob("model.json")):
         stale.unlink()
     members = [
-        Member(name=f"fold-{s.fold}", weights_file=f"fold-{s.fold}.pt", val_macro_f1=s.best_macro_f1)
+        Member(
+            name=f"fold-{s.fold}", weights_file=f"fold-{s.fold}.pt", val_macro_f1=s.best_macro_f1
+        )
         for s in finished
     ]
     description = BundleDescription(
@@ -266,7 +377,7 @@ def _write_model(paths, config, photos, finished, metrics, settings) -> None:
             "mean_macro_f1": metrics["mean_macro_f1"],
             "std_macro_f1": metrics["std_macro_f1"],
             "job_name": os.environ.get("TRAINING_JOB_NAME"),
-            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "torch_version": torch.__version__,
         },
     )

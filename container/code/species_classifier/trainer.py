@@ -185,9 +185,9 @@ class FoldTrainer:
             state.optimizer = optimizer.state_dict()
             state.scheduler = scheduler.state_dict()
             state.scaler = scaler.state_dict()
+            on_epoch_end(state)
             if on_progress is not None:
                 on_progress(state, record)
-            on_epoch_end(state)
         return state
 
     def _class_weights(self, train_labels: torch.Tensor) -> torch.Tensor:
