@@ -11,6 +11,8 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: help venv test lint format demo
 
+DEMO := local/demo
+
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
@@ -29,6 +31,59 @@ lint: venv ## ruff lint and format check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+demo: venv ## train on a generated demo dataset (CPU is fine) and print where the report is
+	rm -rf $(DEMO) && mkdir -p $(DEMO)/input/config
+	$(BIN)/python -m species_classifier.demo_data $(DEMO)/input/data/training --photos-per-species 12 \
+		--stand-in-weights $(DEMO)/torch_home
+	echo '{"target_species": "Lycorma delicatula,Zenaida macroura,Acer rubrum,Erigeron canadensis", "k_folds": "3", "num_epochs": "4", "img_size": "64", "batch_size": "16"}' \
+		> $(DEMO)/input/config/hyperparameters.json
+	SAGEMAKER_BASE_DIR=$(CURDIR)/$(DEMO) TORCH_HOME=$(CURDIR)/$(DEMO)/torch_home PATH="$(CURDIR)/$(BIN):$$PATH" container/train
+	@echo "report: $(DEMO)/output/data/report.md  model: $(DEMO)/model/"
+
 format: venv ## apply ruff's formatting and safe fixes
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# ---- The image: build, push, and run it locally as SageMaker would (docs/container.md) ----
+# DOCKER: docker where its engine answers, else podman (machines without a Docker engine).
+DOCKER ?= $(shell docker info >/dev/null 2>&1 && echo docker || { command -v podman >/dev/null && echo podman || echo docker; })
+IMAGE ?= species-classifier:latest
+# A host folder laid out as /opt/ml; DATA: a training channel (CSV + photos), default demo photos.
+LOCAL_ML ?= local/opt_ml
+DATA ?=
+HYPERPARAMETERS ?=
+PRETRAINED ?= $(if $(filter skip,$(PRETRAINED_WEIGHTS)),false,true)
+SHM_SIZE ?= 2g
+PORT ?= 8080
+PHOTO ?=
+RUN_FLAGS ?= $(if $(filter podman,$(notdir $(DOCKER))),--runtime runc --ulimit nofile=1024:1024 --ulimit nproc=1024:1024)
+GPU_FLAGS ?= $(if $(shell nvidia-smi -L 2>/dev/null),--gpus all)
+DEMO_HYPERPARAMETERS = {"target_species": "Lycorma delicatula,Zenaida macroura,Acer rubrum,Erigeron canadensis", "k_folds": "2", "num_epochs": "2", "img_size": "128", "batch_size": "16", "pretrained": "$(PRETRAINED)"}
+RUN_IMAGE = $(DOCKER) run --rm $(RUN_FLAGS)
+
+.PHONY: base-image build push train-local serve-local predict-local
+
+base-image: ## make a local Debian base image (no registry needed) and print its name for BASE_IMAGE
+	DOCKER=$(DOCKER) scripts/make_base_image.sh
+
+build: ## build the image from container/Dockerfile, tagged with the git commit and :latest
+	DOCKER=$(DOCKER) scripts/build_push.sh --no-push
+
+push: venv ## build, then push to ECR (AWS_REGION and credentials needed) and print the image URI
+	DOCKER=$(DOCKER) PYTHON=$(CURDIR)/$(BIN)/python scripts/build_push.sh
+
+train-local: ## run the image's `train` on LOCAL_ML laid out as /opt/ml (DATA=folder, default demo photos)
+	mkdir -p $(LOCAL_ML)/input/config $(LOCAL_ML)/input/data/training $(LOCAL_ML)/model $(LOCAL_ML)/output
+	$(if $(HYPERPARAMETERS),cp $(HYPERPARAMETERS),echo '$(DEMO_HYPERPARAMETERS)' >) $(LOCAL_ML)/input/config/hyperparameters.json
+	$(if $(DATA),,test -f $(LOCAL_ML)/input/data/training/train.csv || $(RUN_IMAGE) -v $(abspath $(LOCAL_ML)):/opt/ml $(IMAGE) python3 -m species_classifier.demo_data /opt/ml/input/data/training)
+	$(RUN_IMAGE) $(GPU_FLAGS) --shm-size $(SHM_SIZE) -v $(abspath $(LOCAL_ML)):/opt/ml \
+	  $(if $(DATA),-v $(abspath $(DATA)):/opt/ml/input/data/training:ro) $(IMAGE) train
+
+serve-local: ## serve LOCAL_ML/model on http://localhost:PORT with the image's `serve` (Ctrl-C stops)
+	$(RUN_IMAGE) $(GPU_FLAGS) -p $(PORT):8080 -v $(abspath $(LOCAL_ML))/model:/opt/ml/model:ro $(IMAGE) serve
+
+predict-local: ## send PHOTO (default: a demo photo) to the local endpoint and print the answer
+	curl --silent --show-error --fail-with-body -H 'Content-Type: application/x-image' \
+	  --data-binary @$(or $(PHOTO),$(firstword $(wildcard $(LOCAL_ML)/input/data/training/images/*/*.jpg))) \
+	  http://localhost:$(PORT)/invocations
+	@echo
