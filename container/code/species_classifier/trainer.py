@@ -15,6 +15,7 @@ state after every epoch (`on_epoch_end`) and decides where it goes.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 import time
@@ -199,8 +200,12 @@ class FoldTrainer:
         """Yield (uint8 pixels on the device, labels on the device) batch by batch."""
         index_t = torch.as_tensor(index)[order]
         pin = data.pixels.device.type == "cpu" and self.device.type == "cuda"
-        for start in range(0, len(index_t), batch_size):
-            rows = index_t[start : start + batch_size]
+        bounds = [*range(0, len(index_t), batch_size), len(index_t)]
+        if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+            # A lone last photo would break batch norm in training: it joins the batch before.
+            del bounds[-2]
+        for start, stop in itertools.pairwise(bounds):
+            rows = index_t[start:stop]
             pixels = data.pixels[rows.to(data.pixels.device)]
             if pin:
                 pixels = pixels.pin_memory()

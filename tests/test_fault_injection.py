@@ -1,0 +1,163 @@
+"""Training survives being killed anywhere and ends exactly where an uninterrupted run ends.
+
+A reference job runs once without interruption. Then the same job is killed again and
+again (SIGKILL at random moments, SIGKILL in the middle of checkpoint writes, SIGTERM) and
+restarted each time, as a spot interruption would; every chain must finish with the same
+metrics and bit-for-bit the same weights as the reference. The summary line goes to CI's log.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TRAIN, failure_text, make_job, run_train, train_env
+
+HYPERPARAMETERS = {
+    "k_folds": "2",
+    "num_epochs": "3",
+    "img_size": "32",
+    "batch_size": "8",
+    "epoch_patience": "3",
+}
+TIMING_FIELDS = ("seconds", "img_per_s")
+FAULT_RUNNER = Path(__file__).with_name("fault_runner.py")
+
+
+def comparable_metrics(base: Path) -> dict:
+    metrics = json.loads((base / "output" / "data" / "metrics.json").read_text())
+    for fold in metrics["folds"]:
+        for record in fold["history"]:
+            for name in TIMING_FIELDS:
+                record.pop(name)
+    return metrics
+
+
+def weights(base: Path) -> dict[str, dict]:
+    return {p.name: torch.load(p, weights_only=True) for p in sorted((base / "model").glob("*.pt"))}
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        a[f].keys() == b[f].keys() and all(torch.equal(a[f][k], b[f][k]) for k in a[f]) for f in a
+    )
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    return make_job(
+        tmp_path_factory.mktemp("pristine") / "opt_ml", HYPERPARAMETERS, photos_per_species=5
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(pristine, tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("reference") / "opt_ml"
+    shutil.copytree(pristine, base)
+    result = run_train(base)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return base
+
+
+def fresh_copy(pristine: Path, tmp_path: Path) -> Path:
+    base = tmp_path / "opt_ml"
+    shutil.copytree(pristine, base)
+    return base
+
+
+def start(base: Path, command: list[str], **env: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        command,
+        env=train_env(base, **env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_for_line(process: subprocess.Popen, needle: str) -> list[str]:
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if needle in line:
+            return seen
+    raise AssertionError(f"{needle!r} never appeared:\n{''.join(seen)}")
+
+
+def finish(base: Path) -> None:
+    result = run_train(base)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def assert_same_as_reference(base: Path, reference: Path) -> None:
+    assert comparable_metrics(base) == comparable_metrics(reference)
+    assert same_weights(weights(base), weights(reference))
+
+
+def test_random_sigkills_then_resume_give_identical_results(pristine, reference, tmp_path):
+    rng = random.Random(20261127)
+    base = fresh_copy(pristine, tmp_path)
+    kills, completed = 0, False
+    while not completed:
+        process = start(base, [str(TRAIN)])
+        # After this process's first checkpointed epoch (so every restart makes progress),
+        # at a random moment: mid-epoch, mid-write, between folds, or during evaluation.
+        trained = any(" epoch=" in line for line in process.stdout)
+        time.sleep(rng.uniform(0.0, 1.5))
+        if trained and process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            kills += 1
+        process.communicate()
+        completed = process.returncode == 0
+        assert completed or process.returncode == -signal.SIGKILL
+    assert_same_as_reference(base, reference)
+    print(
+        f"\nfault injection: {kills} SIGKILLs at random moments survived; results identical "
+        "to the uninterrupted run"
+    )
+    assert kills >= 3
+
+
+@pytest.mark.parametrize("write_number", [1, 2, 3, 5])
+def test_sigkill_in_the_middle_of_a_checkpoint_write(pristine, reference, tmp_path, write_number):
+    """Writes: 1 photo cache, 2 job.json, 3.. epoch checkpoints and finished folds."""
+    base = fresh_copy(pristine, tmp_path)
+    process = start(base, [sys.executable, str(FAULT_RUNNER)], KILL_ON_WRITE=str(write_number))
+    output, _ = process.communicate()
+    assert process.returncode == -signal.SIGKILL, output
+    assert list((base / "checkpoints").glob("*.partial*")), "the kill did not land mid-write"
+    finish(base)
+    assert_same_as_reference(base, reference)
+    print(
+        f"\nfault injection: SIGKILL during atomic write #{write_number} survived; results identical"
+    )
+
+
+def test_sigterm_stops_within_seconds_and_the_restart_continues(pristine, reference, tmp_path):
+    base = fresh_copy(pristine, tmp_path)
+    process = start(base, [str(TRAIN)])
+    wait_for_line(process, "fold=1 epoch=1 ")
+    sent = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    stopped_in = time.monotonic() - sent
+    assert process.returncode == 128 + signal.SIGTERM, output
+    assert stopped_in < 10
+    failure = failure_text(base)
+    assert failure.startswith("Stopped by SIGTERM"), failure
+    assert "continues from there" in failure
+    assert (base / "checkpoints" / "fold-1-progress.pt").is_file()
+    finish(base)
+    assert_same_as_reference(base, reference)
+    print(
+        f"\nfault injection: SIGTERM honoured in {stopped_in:.1f} s (SageMaker allows 120 s); "
+        "resumed with identical results"
+    )
