@@ -1,0 +1,133 @@
+"""Folds across workers and hosts (gloo on CPU) give exactly the single-worker results.
+
+Every run here pins one CPU thread per process: CPU kernels may sum in another order with
+another thread count, and the comparison is bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import TRAIN, failure_text, make_job, run_train, train_env
+from test_fault_injection import comparable_metrics, same_weights, weights
+
+HYPERPARAMETERS = {"k_folds": "3", "num_epochs": "2", "img_size": "32", "batch_size": "8"}
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def free_port() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
+def with_hyperparameters(base: Path, **extra: str) -> None:
+    path = base / "input" / "config" / "hyperparameters.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **extra}))
+
+
+def host_config(base: Path, current: str, hosts: list[str]) -> None:
+    config = {"current_host": current, "hosts": hosts, "network_interface_name": "lo"}
+    (base / "input" / "config" / "resourceconfig.json").write_text(json.dumps(config))
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    return make_job(
+        tmp_path_factory.mktemp("pristine") / "opt_ml", HYPERPARAMETERS, photos_per_species=4
+    )
+
+
+@pytest.fixture(scope="module")
+def single_worker(pristine, tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("single") / "opt_ml"
+    shutil.copytree(pristine, base)
+    result = run_train(base, **ONE_THREAD)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return base
+
+
+def copy_of(pristine: Path, folder: Path) -> Path:
+    shutil.copytree(pristine, folder)
+    return folder
+
+
+def test_two_workers_on_one_host_match_one_worker(pristine, single_worker, tmp_path):
+    base = copy_of(pristine, tmp_path / "opt_ml")
+    with_hyperparameters(base, workers_per_host="2")
+    result = run_train(base, MASTER_PORT=free_port(), **ONE_THREAD)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "[rank 0] " in result.stdout and "[rank 1] " in result.stdout
+    assert "fold(s) [1, 3] of 3" in result.stdout and "fold(s) [2] of 3" in result.stdout
+    assert comparable_metrics(base) == comparable_metrics(single_worker)
+    assert same_weights(weights(base), weights(single_worker))
+    print("\ndistributed: 2 workers on 1 host, per-fold results identical to 1 worker")
+
+
+def test_two_hosts_match_one_worker_and_only_the_leader_writes(pristine, single_worker, tmp_path):
+    hosts = ["127.0.0.1", "localhost"]  # sorted: 127.0.0.1 leads
+    bases = [copy_of(pristine, tmp_path / host / "opt_ml") for host in hosts]
+    port = free_port()
+    processes = []
+    for host, base in zip(hosts, bases, strict=True):
+        host_config(base, host, list(reversed(hosts)))
+        processes.append(
+            subprocess.Popen(
+                [str(TRAIN)],
+                env=train_env(base, MASTER_PORT=port, **ONE_THREAD),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outputs = [p.communicate(timeout=600)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs
+    leader, follower = bases
+    assert comparable_metrics(leader) == comparable_metrics(single_worker)
+    assert same_weights(weights(leader), weights(single_worker))
+    assert not (follower / "model" / "model.json").exists()
+    assert not (follower / "output" / "data" / "metrics.json").exists()
+    assert not (follower / "output" / "failure").exists()
+    print(
+        "\ndistributed: 2 hosts x 1 worker, per-fold results identical to 1 worker; "
+        "only the leader wrote model/ and output/"
+    )
+
+
+def test_a_dead_worker_fails_the_job_with_its_reason(pristine, tmp_path):
+    base = copy_of(pristine, tmp_path / "opt_ml")
+    with_hyperparameters(base, workers_per_host="2", num_epochs="50", epoch_patience="50")
+    launcher = subprocess.Popen(
+        [str(TRAIN)],
+        env=train_env(base, MASTER_PORT=free_port(), **ONE_THREAD),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    for line in launcher.stdout:
+        if "[rank 1] " in line and "fold=2 epoch=1 " in line:
+            break
+    workers = [
+        child
+        for child in psutil.Process(launcher.pid).children(recursive=True)
+        if "spawn_main" in " ".join(child.cmdline())
+    ]
+    assert len(workers) == 2, workers
+    victim = max(workers, key=lambda child: child.create_time())
+    victim.send_signal(signal.SIGKILL)
+    started = time.monotonic()
+    launcher.communicate(timeout=120)
+    assert launcher.returncode == 1
+    assert time.monotonic() - started < 60
+    reason = failure_text(base).splitlines()[0]
+    assert re.match(r"worker rank [01] failed: Signal 9 \(SIGKILL\)", reason), reason
+    assert not (base / "model" / "model.json").exists()
