@@ -18,6 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import TRAIN, failure_text, make_job, run_train, train_env
+from species_classifier.artifacts import load_members, read_description
 from test_fault_injection import comparable_metrics, same_weights, weights
 
 HYPERPARAMETERS = {"k_folds": "3", "num_epochs": "2", "img_size": "32", "batch_size": "8"}
@@ -131,3 +132,24 @@ def test_a_dead_worker_fails_the_job_with_its_reason(pristine, tmp_path):
     reason = failure_text(base).splitlines()[0]
     assert re.match(r"worker rank [01] failed: Signal 9 \(SIGKILL\)", reason), reason
     assert not (base / "model" / "model.json").exists()
+
+
+def test_refit_trains_one_model_on_all_photos_across_workers(pristine, tmp_path):
+    base = copy_of(pristine, tmp_path / "opt_ml")
+    with_hyperparameters(base, workers_per_host="2", final_model="refit")
+    result = run_train(base, MASTER_PORT=free_port(), **ONE_THREAD)
+    assert result.returncode == 0, result.stdout + result.stderr
+    metrics = json.loads((base / "output" / "data" / "metrics.json").read_text())
+    best_epochs = sorted(f["best_epoch"] for f in metrics["folds"])
+    assert metrics["final_model"]["strategy"] == "refit"
+    assert metrics["final_model"]["epochs"] == best_epochs[1]  # the median of three folds
+    assert len(metrics["final_model"]["train_loss"]) == metrics["final_model"]["epochs"]
+    description = read_description(base / "model")
+    assert [m.name for m in description.members] == ["refit"]
+    assert sorted(p.name for p in (base / "model").iterdir()) == ["model.json", "refit.pt"]
+    assert len(load_members(base / "model", description)) == 1
+    assert "refit epoch=1/" in result.stdout
+    assert (
+        "Served model: one model refit on all photos"
+        in (base / "output" / "data" / "report.md").read_text()
+    )

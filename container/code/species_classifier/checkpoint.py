@@ -5,6 +5,7 @@ restarts. Files:
     job.json               fingerprint of the hyperparameters and data that wrote them
     fold-K-progress.pt     the fold in progress, after its last completed epoch
     fold-K-done.pt         a finished fold: best weights, validation probabilities, history
+    refit-*.pt             the same for the final model on all photos (final_model=refit)
 Every file is written to a temporary name, flushed to disk and renamed, so a kill at any
 moment leaves the previous complete file, never a torn one.
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from species_classifier.trainer import EpochRecord, FoldState
+from species_classifier.trainer import REFIT_FOLD, EpochRecord, FoldState
 
 _log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class CheckpointStore:
                 "changed): starting from scratch",
                 self.directory,
             )
-            for stale in self.directory.glob("fold-*.pt"):
+            for stale in [*self.directory.glob("fold-*.pt"), *self.directory.glob("refit-*.pt")]:
                 stale.unlink()
         _write_atomically(job_file, json.dumps({"fingerprint": self.fingerprint}).encode())
 
@@ -64,7 +65,8 @@ class CheckpointStore:
         return self._load(self._path(fold, "progress"))
 
     def _path(self, fold: int, kind: str) -> Path:
-        return self.directory / f"fold-{fold}-{kind}.pt"
+        name = "refit" if fold == REFIT_FOLD else f"fold-{fold}"
+        return self.directory / f"{name}-{kind}.pt"
 
     def _save(self, path: Path, state: FoldState) -> None:
         payload = dataclasses.asdict(state)

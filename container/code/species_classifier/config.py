@@ -18,6 +18,7 @@ _log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 CACHE_DEVICES = ("auto", "gpu", "cpu")
+FINAL_MODELS = ("ensemble", "refit")
 
 
 class ConfigError(ValueError):
@@ -43,6 +44,7 @@ class TrainingConfig:
     cache_device: str = "auto"
     decode_workers: int = 0
     workers_per_host: int = 0
+    final_model: str = "ensemble"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -61,7 +63,7 @@ _RANGES = {
     "decode_workers": (0, 256),
     "workers_per_host": (0, 64),
 }
-_CHOICES = {"precision": PRECISIONS, "cache_device": CACHE_DEVICES}
+_CHOICES = {"precision": PRECISIONS, "cache_device": CACHE_DEVICES, "final_model": FINAL_MODELS}
 _IGNORED_PREFIXES = ("sagemaker_", "_")
 
 

@@ -113,6 +113,14 @@ class Workers:
         dist.gather_object(item, gathered, dst=0, group=self.object_group)
         return gathered
 
+    def share_from_leader(self, item: object) -> object:
+        """The leader's `item`, on every worker."""
+        if self.world_size == 1:
+            return item
+        box = [item if self.is_leader else None]
+        dist.broadcast_object_list(box, src=0, group=self.object_group)
+        return box[0]
+
     def device(self) -> torch.device:
         if torch.cuda.is_available():
             torch.cuda.set_device(self.local_rank)

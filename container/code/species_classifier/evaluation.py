@@ -196,6 +196,8 @@ def render_report(metrics: dict, settings: dict) -> str:
         f"{metrics['photos']['skipped']}"
         + (" (see skipped_images.csv)" if metrics["photos"]["skipped"] else ""),
         "",
+        _final_model_line(metrics["final_model"]),
+        "",
         "## Folds",
         "",
         "| fold | best epoch | epochs run | macro-F1 | accuracy |",
@@ -228,3 +230,12 @@ def render_report(metrics: dict, settings: dict) -> str:
     lines += [f"![fold {f['fold']} curves](curves_fold-{f['fold']}.png)" for f in metrics["folds"]]
     lines += ["", "## Settings", "", "```json", json.dumps(settings, indent=2), "```", ""]
     return "\n".join(lines)
+
+
+def _final_model_line(final: dict) -> str:
+    if final["strategy"] == "refit":
+        return (
+            f"Served model: one model refit on all photos for {final['epochs']} epoch(s) "
+            "(the folds' median best epoch); the fold metrics above estimate its quality."
+        )
+    return f"Served model: the ensemble of the {final['members']} fold models (mean probabilities)."

@@ -45,6 +45,7 @@ from species_classifier.evaluation import summarize, write_outputs, write_skippe
 from species_classifier.model import WeightsMissingError, build_model
 from species_classifier.paths import BASE_DIR_ENV, JobPaths
 from species_classifier.trainer import (
+    REFIT_FOLD,
     EpochRecord,
     FoldData,
     FoldState,
@@ -224,11 +225,39 @@ def run(paths: JobPaths, config: TrainingConfig, workers: Workers) -> None:
         finished.append(state)
 
     gathered = workers.gather_to_leader(finished)
+    if workers.is_leader:
+        finished = sorted((s for states in gathered for s in states), key=lambda s: s.fold)
+    refit = None
+    if config.final_model == "refit":
+        # As many epochs as the folds needed to reach their best, on all photos at once.
+        epochs = workers.share_from_leader(
+            int(np.median([s.best_epoch for s in finished])) if workers.is_leader else None
+        )
+        everything = FoldData(pixels, labels, np.arange(len(labels)), np.arange(0))
+        state = store.load_finished(REFIT_FOLD) or store.load_progress(REFIT_FOLD)
+        save = store.save_progress if workers.is_leader else (lambda _state: None)
+        refit = trainer.refit(
+            everything,
+            epochs,
+            (workers.rank, workers.world_size),
+            state or FoldState(fold=REFIT_FOLD),
+            save,
+        )
+        if workers.is_leader:
+            store.save_finished(refit)
     if not workers.is_leader:
         return
-    finished = sorted((s for states in gathered for s in states), key=lambda s: s.fold)
     fold_indices = [val for _, val in folds]
     metrics = summarize(finished, fold_indices, photos, skipped=len(cache.failures))
+    metrics["final_model"] = (
+        {
+            "strategy": "refit",
+            "epochs": refit.epoch,
+            "train_loss": [r.train_loss for r in refit.history],
+        }
+        if refit is not None
+        else {"strategy": "ensemble", "members": len(finished)}
+    )
     _log.info(
         "%s",
         metric_lines.job_line(
@@ -243,7 +272,7 @@ def run(paths: JobPaths, config: TrainingConfig, workers: Workers) -> None:
         "workers": workers.world_size,
     }
     write_outputs(paths.output_data_dir, metrics, finished, fold_indices, photos, channel, settings)
-    _write_model(paths, config, photos, finished, metrics, settings)
+    _write_model(paths, config, photos, [refit] if refit else finished, metrics, settings)
     _log.info(
         "done in %s: model in %s, report in %s",
         format_duration(time.perf_counter() - job_started),
@@ -359,10 +388,13 @@ class _Progress:
 
 
 def _write_model(paths, config, photos, finished, metrics, settings) -> None:
-    for stale in list(paths.model_dir.glob("fold-*.pt")) + list(paths.model_dir.glob("model.json")):
+    """The bundle serve loads: the fold models as an ensemble, or the one refit model."""
+    for stale in [*paths.model_dir.glob("*.pt"), *paths.model_dir.glob("model.json")]:
         stale.unlink()
     members = [
-        Member(
+        Member(name="refit", weights_file="refit.pt")
+        if s.fold == REFIT_FOLD
+        else Member(
             name=f"fold-{s.fold}", weights_file=f"fold-{s.fold}.pt", val_macro_f1=s.best_macro_f1
         )
         for s in finished
@@ -381,4 +413,5 @@ def _write_model(paths, config, photos, finished, metrics, settings) -> None:
             "torch_version": torch.__version__,
         },
     )
-    write_bundle(paths.model_dir, description, {f"fold-{s.fold}": s.best_model for s in finished})
+    weights = {m.name: s.best_model for m, s in zip(members, finished, strict=True)}
+    write_bundle(paths.model_dir, description, weights)

@@ -92,6 +92,9 @@ class FoldData:
     val_index: np.ndarray
 
 
+REFIT_FOLD = 0  # the fold number of the model trained on all photos
+
+
 class TrainingStopped(Exception):
     """Training was asked to stop (SIGTERM); the last completed epoch is checkpointed."""
 
@@ -191,6 +194,73 @@ class FoldTrainer:
                 on_progress(state, record)
         return state
 
+    def refit(
+        self,
+        data: FoldData,
+        epochs: int,
+        shard: tuple[int, int],
+        state: FoldState,
+        on_epoch_end: Callable[[FoldState], None],
+    ) -> FoldState:
+        """One model on every photo (data.train_index) for a fixed number of epochs.
+
+        Data-parallel across workers (DistributedDataParallel averages the gradients), with
+        no validation set: the epoch count comes from the folds, and the learning rate stays
+        at its starting value because ReduceLROnPlateau has nothing to watch.
+        """
+        config = self.config
+        labels = data.labels[data.train_index]
+        criterion = nn.CrossEntropyLoss(weight=self._class_weights(labels).to(self.device))
+        optimizer = torch.optim.Adam(
+            parameter_groups(self.model, config.learning_rate), fused=self.device.type == "cuda"
+        )
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        if state.epoch == 0:
+            self.model.load_state_dict(self.initial_state)
+            torch.manual_seed(epoch_seed(config.seed, state.fold, 0))
+            reset_head(self.model)
+        else:
+            self.model.load_state_dict(state.model)
+            optimizer.load_state_dict(state.optimizer)
+            scaler.load_state_dict(state.scaler)
+        forward = self.forward
+        if shard[1] > 1:
+            device_ids = [self.device] if self.device.type == "cuda" else None
+            forward = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        while state.epoch < epochs:
+            epoch = state.epoch + 1
+            started = time.perf_counter()
+            loss = self._train_epoch(
+                data, criterion, optimizer, scaler, state.fold, epoch, forward, shard
+            )
+            seconds = time.perf_counter() - started
+            state.history.append(
+                EpochRecord(
+                    epoch=epoch,
+                    train_loss=loss,
+                    val_loss=math.nan,
+                    val_macro_f1=math.nan,
+                    val_accuracy=math.nan,
+                    learning_rate=optimizer.param_groups[2]["lr"],
+                    seconds=seconds,
+                    img_per_s=len(data.train_index) / max(seconds, 1e-9),
+                )
+            )
+            state.epoch = state.best_epoch = epoch
+            state.model = state.best_model = _cpu_copy(self.model.state_dict())
+            state.optimizer = optimizer.state_dict()
+            state.scaler = scaler.state_dict()
+            on_epoch_end(state)
+            _log.info(
+                "refit epoch=%d/%d train_loss=%.4f img_per_s=%.0f epoch_s=%.1f",
+                epoch,
+                epochs,
+                loss,
+                len(data.train_index) / max(seconds, 1e-9),
+                seconds,
+            )
+        return state
+
     def _class_weights(self, train_labels: torch.Tensor) -> torch.Tensor:
         """Balanced weights n / (classes * count), as scikit-learn's 'balanced' gives."""
         counts = torch.bincount(train_labels, minlength=self.num_classes).clamp(min=1).float()
@@ -214,18 +284,27 @@ class FoldTrainer:
                 data.labels[rows].to(self.device, non_blocking=True),
             )
 
-    def _train_epoch(self, data, criterion, optimizer, scaler, fold: int, epoch: int) -> float:
+    def _train_epoch(
+        self, data, criterion, optimizer, scaler, fold: int, epoch: int, forward=None, shard=(0, 1)
+    ) -> float:
+        """One pass over data.train_index; with shard=(rank, workers), this worker's share."""
+        forward = forward or self.forward
         seed = epoch_seed(self.config.seed, fold, epoch)
         generator = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)  # dropout
         order = torch.randperm(len(data.train_index), generator=generator)
+        rank, workers = shard
+        if workers > 1:
+            # Equal shares, or data-parallel workers would wait for each other's extra step.
+            order = order[: len(order) - len(order) % workers][rank::workers]
+            generator = torch.Generator().manual_seed(seed + rank)
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         seen = 0
         for pixels, labels in self._batches(data, data.train_index, self.config.batch_size, order):
             inputs = normalize(augment(pixels, generator))
             with self._autocast():
-                loss = criterion(self.forward(inputs), labels)
+                loss = criterion(forward(inputs), labels)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
