@@ -1,4 +1,6 @@
-"""Shared fixtures: a folder laid out like /opt/ml, and the real `train` run against it."""
+"""Shared fixtures: a folder laid out like /opt/ml, the real `train` run against it, and the
+summary lines that tests report (fault injection, soak, distributed) printed at the end of
+the run, where CI's log shows them even when every test passes."""
 
 from __future__ import annotations
 
@@ -67,3 +69,24 @@ def job(tmp_path: Path):
         return make_job(tmp_path / "opt_ml", hyperparameters, **kwargs)
 
     return factory
+
+
+_SUMMARY = pytest.StashKey[list]()
+
+
+def pytest_configure(config) -> None:
+    config.stash[_SUMMARY] = []
+
+
+@pytest.fixture
+def summary(request):
+    """summary("...") records one line for the end-of-run summary."""
+    return request.config.stash[_SUMMARY].append
+
+
+def pytest_terminal_summary(terminalreporter, config) -> None:
+    lines = config.stash.get(_SUMMARY, [])
+    if lines:
+        terminalreporter.section("proof in numbers")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -62,7 +62,7 @@ def copy_of(pristine: Path, folder: Path) -> Path:
     return folder
 
 
-def test_two_workers_on_one_host_match_one_worker(pristine, single_worker, tmp_path):
+def test_two_workers_on_one_host_match_one_worker(pristine, single_worker, tmp_path, summary):
     base = copy_of(pristine, tmp_path / "opt_ml")
     with_hyperparameters(base, workers_per_host="2")
     result = run_train(base, MASTER_PORT=free_port(), **ONE_THREAD)
@@ -71,10 +71,12 @@ def test_two_workers_on_one_host_match_one_worker(pristine, single_worker, tmp_p
     assert "fold(s) [1, 3] of 3" in result.stdout and "fold(s) [2] of 3" in result.stdout
     assert comparable_metrics(base) == comparable_metrics(single_worker)
     assert same_weights(weights(base), weights(single_worker))
-    print("\ndistributed: 2 workers on 1 host, per-fold results identical to 1 worker")
+    summary("distributed: 2 workers on 1 host, per-fold results identical to 1 worker")
 
 
-def test_two_hosts_match_one_worker_and_only_the_leader_writes(pristine, single_worker, tmp_path):
+def test_two_hosts_match_one_worker_and_only_the_leader_writes(
+    pristine, single_worker, tmp_path, summary
+):
     hosts = ["127.0.0.1", "localhost"]  # sorted: 127.0.0.1 leads
     bases = [copy_of(pristine, tmp_path / host / "opt_ml") for host in hosts]
     port = free_port()
@@ -98,8 +100,8 @@ def test_two_hosts_match_one_worker_and_only_the_leader_writes(pristine, single_
     assert not (follower / "model" / "model.json").exists()
     assert not (follower / "output" / "data" / "metrics.json").exists()
     assert not (follower / "output" / "failure").exists()
-    print(
-        "\ndistributed: 2 hosts x 1 worker, per-fold results identical to 1 worker; "
+    summary(
+        "distributed: 2 hosts x 1 worker, per-fold results identical to 1 worker; "
         "only the leader wrote model/ and output/"
     )
 

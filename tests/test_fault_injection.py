@@ -102,7 +102,7 @@ def assert_same_as_reference(base: Path, reference: Path) -> None:
     assert same_weights(weights(base), weights(reference))
 
 
-def test_random_sigkills_then_resume_give_identical_results(pristine, reference, tmp_path):
+def test_random_sigkills_then_resume_give_identical_results(pristine, reference, tmp_path, summary):
     rng = random.Random(20261127)
     base = fresh_copy(pristine, tmp_path)
     kills, completed = 0, False
@@ -119,15 +119,17 @@ def test_random_sigkills_then_resume_give_identical_results(pristine, reference,
         completed = process.returncode == 0
         assert completed or process.returncode == -signal.SIGKILL
     assert_same_as_reference(base, reference)
-    print(
-        f"\nfault injection: {kills} SIGKILLs at random moments survived; results identical "
+    summary(
+        f"fault injection: {kills} SIGKILLs at random moments survived; results identical "
         "to the uninterrupted run"
     )
     assert kills >= 3
 
 
 @pytest.mark.parametrize("write_number", [1, 2, 3, 5])
-def test_sigkill_in_the_middle_of_a_checkpoint_write(pristine, reference, tmp_path, write_number):
+def test_sigkill_in_the_middle_of_a_checkpoint_write(
+    pristine, reference, tmp_path, write_number, summary
+):
     """Writes: 1 photo cache, 2 job.json, 3.. epoch checkpoints and finished folds."""
     base = fresh_copy(pristine, tmp_path)
     process = start(base, [sys.executable, str(FAULT_RUNNER)], KILL_ON_WRITE=str(write_number))
@@ -136,12 +138,14 @@ def test_sigkill_in_the_middle_of_a_checkpoint_write(pristine, reference, tmp_pa
     assert list((base / "checkpoints").glob("*.partial*")), "the kill did not land mid-write"
     finish(base)
     assert_same_as_reference(base, reference)
-    print(
-        f"\nfault injection: SIGKILL during atomic write #{write_number} survived; results identical"
+    summary(
+        f"fault injection: SIGKILL during atomic write #{write_number} survived; results identical"
     )
 
 
-def test_sigterm_stops_within_seconds_and_the_restart_continues(pristine, reference, tmp_path):
+def test_sigterm_stops_within_seconds_and_the_restart_continues(
+    pristine, reference, tmp_path, summary
+):
     base = fresh_copy(pristine, tmp_path)
     process = start(base, [str(TRAIN)])
     wait_for_line(process, "fold=1 epoch=1 ")
@@ -157,7 +161,7 @@ def test_sigterm_stops_within_seconds_and_the_restart_continues(pristine, refere
     assert (base / "checkpoints" / "fold-1-progress.pt").is_file()
     finish(base)
     assert_same_as_reference(base, reference)
-    print(
-        f"\nfault injection: SIGTERM honoured in {stopped_in:.1f} s (SageMaker allows 120 s); "
+    summary(
+        f"fault injection: SIGTERM honoured in {stopped_in:.1f} s (SageMaker allows 120 s); "
         "resumed with identical results"
     )
