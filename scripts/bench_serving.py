@@ -21,7 +21,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import signal
 import socket
 import subprocess
@@ -35,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import requests
 import torch
+from machine import describe
 from species_classifier.artifacts import (
     BundleDescription,
     Member,
@@ -280,24 +280,6 @@ def summary_line(run: dict) -> str:
     )
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
-    return (
-        f"CPU: {cpu}, {cores} cores; GPU: {gpu}; torch {torch.__version__}; "
-        f"Python {platform.python_version()}; load average at the end: {load}"
-    )
-
-
 def report(results: dict[str, list[dict]], args) -> str:
     ours, naive = stats(results["ours"]), stats(results["naive"])
     rows = [
@@ -321,7 +303,7 @@ def report(results: dict[str, list[dict]], args) -> str:
         f"{args.photo_size} px JPEG photos; {args.concurrency} concurrent connections; "
         f"{args.rounds} round(s) of {args.requests} requests per server"
     )
-    return "\n".join([f"Machine: {machine()}", "", f"Setup: {settings}", "", *rows, ""])
+    return "\n".join([f"Machine: {describe()}", "", f"Setup: {settings}", "", *rows, ""])
 
 
 if __name__ == "__main__":

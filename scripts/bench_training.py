@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ sys.path.insert(0, str(REPO / "container" / "code"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from machine import describe  # noqa: E402
 from PIL import Image  # noqa: E402
 from species_classifier.config import TrainingConfig  # noqa: E402
 from species_classifier.demo_data import DEMO_TARGETS, make_demo_dataset  # noqa: E402
@@ -40,19 +40,6 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
 NUM_CLASSES = 5
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
 
 
 def synchronize(device: torch.device) -> None:
@@ -242,7 +229,7 @@ def main() -> None:
         )
 
     lines = [
-        f"Machine: {machine()}",
+        f"Machine: {describe()}",
         f"Settings: img_size {args.img_size}, efficientnet_b1, {len(paths)} photos of ~500 px, "
         f"our batch {args.batch_size} in {precision}, seed-style batch 64 fp32 with 4 DataLoader workers",
         "",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import logging
 import re
 
@@ -49,8 +50,10 @@ def create_app(
     # Keep class_probabilities in the model's label order, as model.json lists the classes.
     app.json.sort_keys = False
     max_bytes = max_payload_mb * MEBIBYTE
-    # Werkzeug enforces this on chunked bodies too, which carry no Content-Length.
-    app.config["MAX_CONTENT_LENGTH"] = max_bytes
+    too_large = (
+        f"over the {max_payload_mb} MB limit ({max_bytes} bytes): send a smaller photo (a few "
+        "hundred pixels is enough) or fewer instances per request"
+    )
 
     @app.get("/ping")
     def ping() -> Response:
@@ -68,14 +71,15 @@ def create_app(
     def invocations() -> Response:
         length = request.content_length
         if length is not None and length > max_bytes:
-            raise RequestRejected(
-                413,
-                f"request body is {length} bytes, over the {max_payload_mb} MB limit "
-                f"({max_bytes} bytes): send a smaller photo (a few hundred pixels is "
-                "enough) or fewer instances per request",
-            )
+            raise RequestRejected(413, f"request body is {length} bytes, {too_large}")
+        # Read the body before any other refusal: a body left unread makes gunicorn close a
+        # connection it has just called keep-alive. Reading one byte past the limit catches
+        # chunked bodies, which announce no length.
+        body = request.stream.read(max_bytes + 1)
+        if len(body) > max_bytes:
+            raise RequestRejected(413, f"request body is {too_large}")
         _check_accept()
-        bodies, single = _photos_from_request()
+        bodies, single = _photos_from_request(body)
         try:
             answers = batcher.predict(bodies, timeout=timeout_seconds)
         except PhotoError as error:
@@ -101,15 +105,7 @@ def create_app(
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException) -> tuple[Response, int]:
-        status = error.code or 500
-        if status == 413:
-            message = (
-                f"request body is over the {max_payload_mb} MB limit: send a smaller photo "
-                "or fewer instances per request"
-            )
-        else:
-            message = f"{error.name}: {error.description}"
-        return jsonify(error=message), status
+        return jsonify(error=f"{error.name}: {error.description}"), error.code or 500
 
     @app.errorhandler(Exception)
     def unexpected_error(error: Exception) -> tuple[Response, int]:
@@ -128,16 +124,15 @@ def _check_accept() -> None:
         )
 
 
-def _photos_from_request() -> tuple[list[bytes], bool]:
+def _photos_from_request(body: bytes) -> tuple[list[bytes], bool]:
     """The photos' encoded bytes, and whether the request holds exactly one photo."""
     mimetype = request.mimetype
     if mimetype in IMAGE_TYPES:
-        body = request.get_data(cache=False)
         if not body:
             raise RequestRejected(400, f"empty body: send the photo's bytes as {mimetype}")
         return [body], True
     if mimetype == JSON_TYPE:
-        return _photos_from_json()
+        return _photos_from_json(body)
     given = f"Content-Type {mimetype!r}" if mimetype else "no Content-Type"
     raise RequestRejected(
         415,
@@ -146,8 +141,12 @@ def _photos_from_request() -> tuple[list[bytes], bool]:
     )
 
 
-def _photos_from_json() -> tuple[list[bytes], bool]:
-    document = request.get_json(silent=True, cache=False)
+def _photos_from_json(body: bytes) -> tuple[list[bytes], bool]:
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        # RecursionError: deeply nested JSON ("[[[[..."), which is no ValueError.
+        document = None
     if document is None:
         raise RequestRejected(
             400,

@@ -283,24 +283,19 @@ def run(paths: JobPaths, config: TrainingConfig, workers: Workers) -> None:
 
 def _shared_cache(paths, config, photos, workers: Workers):
     """One decode per host: its first worker builds the cache, the others load what it stored."""
-    if workers.local_rank == 0:
-        cache = build_cache(
+
+    def build():
+        return build_cache(
             photos.paths,
             paths.training_channel,
             config.img_size,
             config.decode_workers,
             paths.checkpoint_dir,
         )
+
+    cache = build() if workers.local_rank == 0 else None
     workers.barrier()
-    if workers.local_rank != 0:
-        cache = build_cache(
-            photos.paths,
-            paths.training_channel,
-            config.img_size,
-            config.decode_workers,
-            paths.checkpoint_dir,
-        )
-    return cache
+    return cache or build()
 
 
 def _report_unreadable(paths: JobPaths, photos: LabelledPhotos, failures: dict[int, str]) -> None:

@@ -95,8 +95,13 @@ class FoldData:
 REFIT_FOLD = 0  # the fold number of the model trained on all photos
 
 
-class TrainingStopped(Exception):
-    """Training was asked to stop (SIGTERM); the last completed epoch is checkpointed."""
+class TrainingStopped(BaseException):
+    """Training was asked to stop (SIGTERM); the last completed epoch is checkpointed.
+
+    A BaseException, like KeyboardInterrupt: raised from the signal handler wherever the
+    main thread is, it must not be swallowed by an `except Exception` on the way (logging
+    does exactly that when the signal lands while a log line is being written).
+    """
 
 
 class FoldTrainer:
@@ -133,25 +138,12 @@ class FoldTrainer:
     ) -> FoldState:
         """Train `state.fold` from `state.epoch` until early stopping or num_epochs."""
         config = self.config
-        train_labels = data.labels[data.train_index]
-        criterion = nn.CrossEntropyLoss(weight=self._class_weights(train_labels).to(self.device))
-        optimizer = torch.optim.Adam(
-            parameter_groups(self.model, config.learning_rate),
-            fused=self.device.type == "cuda",
-        )
+        criterion, optimizer, scaler = self._start(data, state)
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="max", factor=LR_FACTOR, patience=LR_PATIENCE
         )
-        scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        if state.epoch == 0:
-            self.model.load_state_dict(self.initial_state)
-            torch.manual_seed(epoch_seed(config.seed, state.fold, 0))
-            reset_head(self.model)
-        else:
-            self.model.load_state_dict(state.model)
-            optimizer.load_state_dict(state.optimizer)
+        if state.epoch:
             scheduler.load_state_dict(state.scheduler)
-            scaler.load_state_dict(state.scaler)
 
         while (
             state.epoch < config.num_epochs
@@ -208,21 +200,7 @@ class FoldTrainer:
         no validation set: the epoch count comes from the folds, and the learning rate stays
         at its starting value because ReduceLROnPlateau has nothing to watch.
         """
-        config = self.config
-        labels = data.labels[data.train_index]
-        criterion = nn.CrossEntropyLoss(weight=self._class_weights(labels).to(self.device))
-        optimizer = torch.optim.Adam(
-            parameter_groups(self.model, config.learning_rate), fused=self.device.type == "cuda"
-        )
-        scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        if state.epoch == 0:
-            self.model.load_state_dict(self.initial_state)
-            torch.manual_seed(epoch_seed(config.seed, state.fold, 0))
-            reset_head(self.model)
-        else:
-            self.model.load_state_dict(state.model)
-            optimizer.load_state_dict(state.optimizer)
-            scaler.load_state_dict(state.scaler)
+        criterion, optimizer, scaler = self._start(data, state)
         forward = self.forward
         if shard[1] > 1:
             device_ids = [self.device] if self.device.type == "cuda" else None
@@ -260,6 +238,26 @@ class FoldTrainer:
                 seconds,
             )
         return state
+
+    def _start(self, data: FoldData, state: FoldState):
+        """Loss, optimiser and scaler for the photos in data.train_index, and the network's
+        weights: fresh (seeded by fold) at epoch 0, else exactly as the state left them."""
+        labels = data.labels[data.train_index]
+        criterion = nn.CrossEntropyLoss(weight=self._class_weights(labels).to(self.device))
+        optimizer = torch.optim.Adam(
+            parameter_groups(self.model, self.config.learning_rate),
+            fused=self.device.type == "cuda",
+        )
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        if state.epoch == 0:
+            self.model.load_state_dict(self.initial_state)
+            torch.manual_seed(epoch_seed(self.config.seed, state.fold, 0))
+            reset_head(self.model)
+        else:
+            self.model.load_state_dict(state.model)
+            optimizer.load_state_dict(state.optimizer)
+            scaler.load_state_dict(state.scaler)
+        return criterion, optimizer, scaler
 
     def _class_weights(self, train_labels: torch.Tensor) -> torch.Tensor:
         """Balanced weights n / (classes * count), as scikit-learn's 'balanced' gives."""
