@@ -111,7 +111,7 @@ def test_random_sigkills_then_resume_give_identical_results(pristine, reference,
         # After this process's first checkpointed epoch (so every restart makes progress),
         # at a random moment: mid-epoch, mid-write, between folds, or during evaluation.
         trained = any(" epoch=" in line for line in process.stdout)
-        time.sleep(rng.uniform(0.0, 1.5))
+        time.sleep(rng.uniform(0.0, 1.0))
         if trained and process.poll() is None:
             process.send_signal(signal.SIGKILL)
             kills += 1
