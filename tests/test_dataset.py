@@ -82,6 +82,23 @@ def test_too_few_photos_for_the_folds_gives_the_counts(tmp_path):
         check_class_sizes(photos, k_folds=3, unreadable=4)
 
 
+def test_holdout_needs_every_class_on_both_sides(tmp_path):
+    photos = label_photos(
+        rows_for({"A": 2, "B": 2, "C": 2, "D": 2}), tmp_path, ("A", "B", "C"), False, 0.5, 1
+    )
+    with pytest.raises(
+        DatasetError,
+        match=r"8 photos are too few for the 70/30 hold-out.*of 4 classes.*at least 14",
+    ):
+        check_class_sizes(photos, k_folds=1)
+    check_class_sizes(photos, k_folds=2)
+    enough = label_photos(
+        rows_for({"A": 4, "B": 4, "C": 4, "D": 2}), tmp_path, ("A", "B", "C"), False, 0.5, 1
+    )
+    check_class_sizes(enough, k_folds=1)
+    make_folds(enough.labels, 1, seed=1)
+
+
 def test_folds_are_stratified_disjoint_and_seeded():
     labels = np.array([0] * 30 + [1] * 12 + [2] * 9)
     folds = make_folds(labels, 3, seed=42)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,6 +162,14 @@ def minimum_per_class(k_folds: int) -> int:
 def check_class_sizes(photos: LabelledPhotos, k_folds: int, unreadable: int = 0) -> None:
     needed = minimum_per_class(k_folds)
     counts = photos.class_counts()
+    total, classes = len(photos.labels), len(counts)
+    held_out = math.ceil(HOLDOUT_FRACTION * total)
+    if k_folds == 1 and min(held_out, total - held_out) < classes:
+        raise DatasetError(
+            f"{total} photos are too few for the 70/30 hold-out (k_folds=1) of {classes} "
+            f"classes: each side needs at least one photo per class, so at least "
+            f"{math.ceil(classes / HOLDOUT_FRACTION)} photos. Add photos or use k_folds=2"
+        )
     small = {name: count for name, count in counts.items() if count < needed}
     if small:
         split = f"k_folds={k_folds}" if k_folds > 1 else "the 70/30 hold-out (k_folds=1)"

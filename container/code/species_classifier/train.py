@@ -145,7 +145,8 @@ def read_config(paths: JobPaths) -> TrainingConfig:
     os.environ[BASE_DIR_ENV] = str(paths.base)
     from sagemaker_training.environment import read_hyperparameters
 
-    logging.getLogger("sagemaker_training").setLevel(logging.WARNING)
+    # The toolkit logs every plain-string value it could not JSON-decode; we log the result.
+    logging.getLogger("sagemaker-training-toolkit").setLevel(logging.WARNING)
     try:
         raw = read_hyperparameters()
     except ValueError as error:
