@@ -69,7 +69,9 @@ class CheckpointStore:
         return self.directory / f"{name}-{kind}.pt"
 
     def _save(self, path: Path, state: FoldState) -> None:
-        payload = dataclasses.asdict(state)
+        # Shallow on purpose: dataclasses.asdict would deep-copy every tensor (~100 MB) only
+        # for torch.save to read it once.
+        payload = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
         payload["history"] = [dataclasses.asdict(r) for r in state.history]
         _write_atomically(path, payload)
 
