@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,12 @@ def make_job(
     )
     write_hyperparameters(base, {**FAST_HYPERPARAMETERS, **(hyperparameters or {})})
     return base
+
+
+def copy_job(source: Path, destination: Path) -> Path:
+    """A copy of a prepared job folder, so runs of the same job can be compared."""
+    shutil.copytree(source, destination)
+    return destination
 
 
 def train_env(base: Path, **extra: str) -> dict:

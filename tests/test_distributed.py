@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import TRAIN, failure_text, make_job, run_train, train_env
+from conftest import TRAIN, copy_job, failure_text, make_job, run_train, train_env
 from species_classifier.artifacts import load_members, read_description
 from test_fault_injection import comparable_metrics, same_weights, weights
 
@@ -50,20 +49,14 @@ def pristine(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def single_worker(pristine, tmp_path_factory) -> Path:
-    base = tmp_path_factory.mktemp("single") / "opt_ml"
-    shutil.copytree(pristine, base)
+    base = copy_job(pristine, tmp_path_factory.mktemp("single") / "opt_ml")
     result = run_train(base, **ONE_THREAD)
     assert result.returncode == 0, result.stdout + result.stderr
     return base
 
 
-def copy_of(pristine: Path, folder: Path) -> Path:
-    shutil.copytree(pristine, folder)
-    return folder
-
-
 def test_two_workers_on_one_host_match_one_worker(pristine, single_worker, tmp_path, summary):
-    base = copy_of(pristine, tmp_path / "opt_ml")
+    base = copy_job(pristine, tmp_path / "opt_ml")
     with_hyperparameters(base, workers_per_host="2")
     result = run_train(base, MASTER_PORT=free_port(), **ONE_THREAD)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -78,7 +71,7 @@ def test_two_hosts_match_one_worker_and_only_the_leader_writes(
     pristine, single_worker, tmp_path, summary
 ):
     hosts = ["127.0.0.1", "localhost"]  # sorted: 127.0.0.1 leads
-    bases = [copy_of(pristine, tmp_path / host / "opt_ml") for host in hosts]
+    bases = [copy_job(pristine, tmp_path / host / "opt_ml") for host in hosts]
     port = free_port()
     processes = []
     for host, base in zip(hosts, bases, strict=True):
@@ -107,7 +100,7 @@ def test_two_hosts_match_one_worker_and_only_the_leader_writes(
 
 
 def test_a_dead_worker_fails_the_job_with_its_reason(pristine, tmp_path):
-    base = copy_of(pristine, tmp_path / "opt_ml")
+    base = copy_job(pristine, tmp_path / "opt_ml")
     with_hyperparameters(base, workers_per_host="2", num_epochs="50", epoch_patience="50")
     launcher = subprocess.Popen(
         [str(TRAIN)],
@@ -137,7 +130,7 @@ def test_a_dead_worker_fails_the_job_with_its_reason(pristine, tmp_path):
 
 
 def test_refit_trains_one_model_on_all_photos_across_workers(pristine, tmp_path):
-    base = copy_of(pristine, tmp_path / "opt_ml")
+    base = copy_job(pristine, tmp_path / "opt_ml")
     with_hyperparameters(base, workers_per_host="2", final_model="refit")
     result = run_train(base, MASTER_PORT=free_port(), **ONE_THREAD)
     assert result.returncode == 0, result.stdout + result.stderr

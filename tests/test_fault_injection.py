@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TRAIN, failure_text, make_job, run_train, train_env
+from conftest import TRAIN, copy_job, failure_text, make_job, run_train, train_env
 
 HYPERPARAMETERS = {
     "k_folds": "2",
@@ -60,16 +59,9 @@ def pristine(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(pristine, tmp_path_factory) -> Path:
-    base = tmp_path_factory.mktemp("reference") / "opt_ml"
-    shutil.copytree(pristine, base)
+    base = copy_job(pristine, tmp_path_factory.mktemp("reference") / "opt_ml")
     result = run_train(base)
     assert result.returncode == 0, result.stdout + result.stderr
-    return base
-
-
-def fresh_copy(pristine: Path, tmp_path: Path) -> Path:
-    base = tmp_path / "opt_ml"
-    shutil.copytree(pristine, base)
     return base
 
 
@@ -104,7 +96,7 @@ def assert_same_as_reference(base: Path, reference: Path) -> None:
 
 def test_random_sigkills_then_resume_give_identical_results(pristine, reference, tmp_path, summary):
     rng = random.Random(20261127)
-    base = fresh_copy(pristine, tmp_path)
+    base = copy_job(pristine, tmp_path / "opt_ml")
     kills, completed = 0, False
     while not completed:
         process = start(base, [str(TRAIN)])
@@ -131,7 +123,7 @@ def test_sigkill_in_the_middle_of_a_checkpoint_write(
     pristine, reference, tmp_path, write_number, summary
 ):
     """Writes: 1 photo cache, 2 job.json, 3.. epoch checkpoints and finished folds."""
-    base = fresh_copy(pristine, tmp_path)
+    base = copy_job(pristine, tmp_path / "opt_ml")
     process = start(base, [sys.executable, str(FAULT_RUNNER)], KILL_ON_WRITE=str(write_number))
     output, _ = process.communicate()
     assert process.returncode == -signal.SIGKILL, output
@@ -146,7 +138,7 @@ def test_sigkill_in_the_middle_of_a_checkpoint_write(
 def test_sigterm_stops_within_seconds_and_the_restart_continues(
     pristine, reference, tmp_path, summary
 ):
-    base = fresh_copy(pristine, tmp_path)
+    base = copy_job(pristine, tmp_path / "opt_ml")
     process = start(base, [str(TRAIN)])
     wait_for_line(process, "fold=1 epoch=1 ")
     sent = time.monotonic()
