@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 
-from species_classifier import checkpoint
+from species_classifier import atomic
 from species_classifier.train import main
 
 _kill_on = int(os.environ["KILL_ON_WRITE"])
@@ -24,7 +24,7 @@ def _replace_or_die(source, destination):
     _replace(source, destination)
 
 
-checkpoint.os.replace = _replace_or_die
+atomic.os.replace = _replace_or_die
 
 if __name__ == "__main__":
     sys.exit(main())

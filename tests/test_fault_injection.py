@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TRAIN, copy_job, failure_text, make_job, run_train, train_env
+from species_classifier.atomic import PARTIAL_PREFIX
 
 HYPERPARAMETERS = {
     "k_folds": "2",
@@ -127,7 +128,9 @@ def test_sigkill_in_the_middle_of_a_checkpoint_write(
     process = start(base, [sys.executable, str(FAULT_RUNNER)], KILL_ON_WRITE=str(write_number))
     output, _ = process.communicate()
     assert process.returncode == -signal.SIGKILL, output
-    assert list((base / "checkpoints").glob("*.partial*")), "the kill did not land mid-write"
+    assert list((base / "checkpoints").glob(f"{PARTIAL_PREFIX}*")), (
+        "the kill did not land mid-write"
+    )
     finish(base)
     assert_same_as_reference(base, reference)
     summary(

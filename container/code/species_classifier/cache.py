@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from species_classifier.atomic import atomic_write
 from species_classifier.imaging import PhotoError, decode_photo
 
 _log = logging.getLogger(__name__)
@@ -137,6 +138,5 @@ def _store(store_dir: Path, key: str, cache: PhotoCache) -> None:
     # Failures first, pixels last and atomically: _load needs both, so a kill at any
     # point leaves either a complete pair or a cache that is simply rebuilt.
     failures_file.write_text(json.dumps(cache.failures))
-    partial = pixels_file.with_suffix(".partial.npy")
-    np.save(partial, cache.pixels)
-    os.replace(partial, pixels_file)
+    with atomic_write(pixels_file) as handle:
+        np.save(handle, cache.pixels)

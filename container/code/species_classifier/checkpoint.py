@@ -15,11 +15,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
 
+from species_classifier.atomic import atomic_write
 from species_classifier.trainer import REFIT_FOLD, EpochRecord, FoldState
 
 _log = logging.getLogger(__name__)
@@ -88,12 +88,8 @@ class CheckpointStore:
 
 
 def _write_atomically(path: Path, payload: object) -> None:
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as handle:
+    with atomic_write(path) as handle:
         if isinstance(payload, bytes):
             handle.write(payload)
         else:
             torch.save(payload, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
