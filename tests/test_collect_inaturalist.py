@@ -1,43 +1,49 @@
-"""scripts/collect_inaturalist.py against a local S3 (moto) holding a tiny open-data bucket.
+"""The iNaturalist collector (`species_tools.collector`, `scripts/collect_inaturalist.py`)
+against a local S3: moto behind `S3Front`, which adds what the real bucket does and moto
+does not (a policy that refuses the user's signed requests, photos refused since the
+snapshot, dropped connections). Every call is a real boto3 request over HTTP.
 
-The bucket has the real layout (taxa/observations/photos .csv.gz at the root, tab-separated,
-unquoted; photos/<photo_id>/medium.<ext>) and small metadata built so that every selection
-rule shows in the counts: targets and look-alikes from the Maryland box, other species from
-the Baltimore box, a subspecies of a target, genus-level IDs, wrong grades, a disallowed
-licence, photos shared between observations, a second photo of an observation, a cap, and a
-photo that the metadata names but the bucket no longer holds.
+The main bucket's metadata is built so that every selection rule shows in the counts:
+targets and look-alikes from the Maryland box, other species from the Baltimore box, a
+subspecies of a target and a variety of an `other` species (both rolled up to their species),
+genus-level IDs, inactive taxa, wrong grades, a disallowed licence, photos shared between
+observations, a second photo of an observation, an observer missing from observers.csv.gz,
+a cap, and a photo that the metadata names but the bucket no longer holds.
 """
 
 from __future__ import annotations
 
 import csv
 import gzip
-import importlib.util
 import io
 import json
 import os
 import re
-import shutil
-import socket
 import subprocess
 import sys
 import threading
-import uuid
 from collections import Counter
 from pathlib import Path
 
 import boto3
-import numpy as np
 import pytest
 from botocore.exceptions import EndpointConnectionError
+from conftest import run_train, write_hyperparameters
+from inaturalist_bucket import OpenData, S3Front, observer_login, observer_name
 from moto.server import ThreadedMotoServer
-from PIL import Image
+from species_tools.aws import SettingsError
+from species_tools.collector import CollectError, cli
+from species_tools.collector.settings import Box, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "collect_inaturalist.py"
-TRAIN = REPO / "container" / "train"
 SOURCE = "inaturalist-open-data"
+GONE = "inaturalist-open-data-later"  # a snapshot whose bucket lost a few photos since
 TARGET = "my-training-data"
+CSV_HEADER = [
+    "species_name", "image_name", "observation_uuid", "photo_id", "license",
+    "observer_login", "observer_name", "observer_id",
+]  # fmt: skip
 
 TARGETS = ["Lycorma delicatula", "Zenaida macroura", "Acer rubrum", "Erigeron canadensis"]
 LOOKALIKES = ["Acer saccharum", "Acer saccharinum", "Acer platanoides"]
@@ -53,8 +59,8 @@ EXPECTED_SPECIES = {
     "Acer saccharum": 3,
     "Acer saccharinum": 3,
     "Acer platanoides": 2,  # 3, minus 1 under CC-BY-NC-ND, which the settings leave out
-    "Quercus alba": 2,  # 3 in Baltimore (2 more outside it), minus 1 photo shared with Turdus
-    "Turdus migratorius": 1,  # 2, minus that shared photo
+    "Quercus alba": 3,  # 3 in Baltimore, minus 1 photo shared with Turdus, plus 1 variety
+    "Turdus migratorius": 1,  # 3, minus that shared photo, minus 1 by an unlisted observer
     QUOTED_NAME: 1,
 }
 EXPECTED_CLASSES = {
@@ -62,12 +68,14 @@ EXPECTED_CLASSES = {
     "Zenaida macroura": 5,
     "Acer rubrum": 5,
     "Erigeron canadensis": 4,
-    "other": 12,
+    "other": 13,
 }
 SELECTED = sum(EXPECTED_SPECIES.values()) + 1  # the missing photo is selected, then left out
 DROPPED = (
     "left out while selecting: beyond photos_per_observation 1, licence not allowed 1, "
-    "on more than one observation 3, over the cap of Lycorma delicatula 1"
+    "observations not identified to a species 1, observations on an inactive taxon 2, "
+    "observer not in observers.csv.gz 1, on more than one observation 3, "
+    "over the cap of Lycorma delicatula 1"
 )
 
 MARYLAND = (38.98, -77.05)  # inside the species box, outside the Baltimore box
@@ -75,7 +83,7 @@ BALTIMORE = (39.29, -76.61)  # inside both
 NEW_YORK = (40.71, -74.0)  # outside both
 
 TAXA = [
-    # taxon_id, ancestry, rank_level, rank, name
+    # taxon_id, ancestry, rank_level, rank, name[, active]
     (101, "48460/1/2/3/101", 10, "species", "Lycorma delicatula"),
     (102, "48460/1/2/4/102", 10, "species", "Zenaida macroura"),
     (103, "48460/47126/5/110/103", 10, "species", "Acer rubrum"),
@@ -88,92 +96,14 @@ TAXA = [
     (110, "48460/47126/5", 20, "genus", "Acer"),
     (111, "48460/1/2/4/102", 5, "subspecies", "Zenaida macroura carolinensis"),
     (112, "48460/47126/5/9/112", 10, "species", QUOTED_NAME),
+    (113, "48460/47126/5/7/108", 5, "variety", "Quercus alba latiloba"),
+    (114, "48460/47126/5/7/114", 10, "species", "Quercus montana", "false"),
+    (115, "48460/47126/5/110/115", 10, "species", "Acer rubrum", "false"),  # an old concept
 ]
 
 
-class OpenData:
-    """Rows of the three metadata files and the photo objects, built observation by observation."""
-
-    def __init__(self) -> None:
-        self.observations: list[list[object]] = []
-        self.photos: list[list[object]] = []
-        self.images: dict[str, bytes] = {}
-        self.next_photo_id = 123_456_000  # real ids are this large: the bitmap must grow
-        self.rng = np.random.default_rng(0)
-
-    def observe(self, taxon: int | str, where, grade: str = "research") -> str:
-        obs = str(uuid.uuid5(uuid.NAMESPACE_URL, f"obs-{len(self.observations)}"))
-        lat, lon = (f"{v:.10f}" for v in where) if where else ("", "")
-        self.observations.append(
-            [obs, 7000 + len(self.observations) % 5, lat, lon, 10, taxon, grade, "2024-05-01", 1.0]
-        )
-        return obs
-
-    def photo(self, obs: str, license: str = "CC-BY", extension: str = "jpg", position: int = 0,
-              photo_id: int | None = None, stored: bool = True) -> int:  # fmt: skip
-        if photo_id is None:
-            photo_id = self.next_photo_id = self.next_photo_id + 7
-        self.photos.append(
-            [uuid.uuid4(), photo_id, obs, 7000, extension, license, 500, 375, position]
-        )
-        if stored:
-            self.images[f"photos/{photo_id}/medium.{extension}"] = self._image(extension)
-        return photo_id
-
-    def add(self, taxon: int | str, where, grade: str = "research", **photo) -> int:
-        return self.photo(self.observe(taxon, where, grade), **photo)
-
-    def _image(self, extension: str) -> bytes:
-        pixels = self.rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
-        buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, format="PNG" if extension == "png" else "JPEG")
-        return buffer.getvalue()
-
-    def metadata(self) -> dict[str, bytes]:
-        return {
-            "taxa.csv.gz": _tsv(
-                ["taxon_id", "ancestry", "rank_level", "rank", "name", "active"],
-                [[*row, "true"] for row in TAXA],
-            ),
-            "observations.csv.gz": _tsv(
-                [
-                    "observation_uuid",
-                    "observer_id",
-                    "latitude",
-                    "longitude",
-                    "positional_accuracy",
-                    "taxon_id",
-                    "quality_grade",
-                    "observed_on",
-                    "anomaly_score",
-                ],
-                self.observations,
-            ),  # fmt: skip
-            "photos.csv.gz": _tsv(
-                [
-                    "photo_uuid",
-                    "photo_id",
-                    "observation_uuid",
-                    "observer_id",
-                    "extension",
-                    "license",
-                    "width",
-                    "height",
-                    "position",
-                ],
-                self.photos,
-            ),  # fmt: skip
-        }
-
-
-def _tsv(header: list[str], rows: list[list[object]]) -> bytes:
-    # Like the real files: tab-separated, no quoting at all (names keep their quotes).
-    lines = ["\t".join(header)] + ["\t".join(str(v) for v in row) for row in rows]
-    return gzip.compress(("\n".join(lines) + "\n").encode())
-
-
 def open_data() -> OpenData:
-    data = OpenData()
+    data = OpenData(TAXA)
     licenses = ["CC0", "CC-BY", "CC-BY-NC"]
     # A photo first met on an observation outside every box, later on an Erigeron one.
     shared_far = data.add(109, NEW_YORK)
@@ -207,55 +137,52 @@ def open_data() -> OpenData:
     data.add(109, BALTIMORE)
     shared_near = data.add(109, BALTIMORE)
     data.photo(quercus[2], photo_id=shared_near)  # the same photo on two observations
+    data.add(109, BALTIMORE, observer=9999, listed=False)  # an observer nobody can credit
     data.add(112, BALTIMORE)
+    data.add(113, BALTIMORE)  # a variety of Quercus alba: an `other` photo of Quercus alba
+    data.add(114, BALTIMORE)  # an inactive species
+    data.add(115, BALTIMORE)  # an inactive taxon named like a target: not that target
     data.add(110, BALTIMORE)  # identified to genus only
     data.add("", BALTIMORE)  # not identified
     data.add(108, None)  # no coordinates
     return data
 
 
+def later_snapshot() -> OpenData:
+    """160 photos of the targets, so that one photo is under 1% and three are over it."""
+    data = OpenData(TAXA)
+    for n in range(160):
+        data.add(101 + n % 4, MARYLAND)
+    return data
+
+
 # --- fixtures -------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def s3_endpoint(tmp_path_factory):
-    """A moto S3 with the source bucket filled and an empty target bucket; env points at it."""
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    """moto with the buckets filled, behind the front; the environment points at the front."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
-    endpoint = f"http://127.0.0.1:{port}"
+    front = S3Front(server.get_host_and_port()[1])
     env = {
-        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ENDPOINT_URL": front.endpoint,
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
     }
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
-    data = open_data()
+    data, later = open_data(), later_snapshot()
     s3 = boto3.client("s3")
-    s3.create_bucket(Bucket=SOURCE)
-    # Like the real bucket: anyone may read it, without signing.
-    public_read = {
-        "Version": "2012-10-17",
-        "Statement": [{"Effect": "Allow", "Principal": "*",
-                       "Action": ["s3:GetObject", "s3:ListBucket"],
-                       "Resource": [f"arn:aws:s3:::{SOURCE}", f"arn:aws:s3:::{SOURCE}/*"]}],
-    }  # fmt: skip
-    s3.put_bucket_policy(Bucket=SOURCE, Policy=json.dumps(public_read))
+    data.fill(s3, SOURCE)
+    later.fill(s3, GONE)
     s3.create_bucket(Bucket=TARGET)
     metadata_dir = tmp_path_factory.mktemp("metadata")
-    for key, body in {**data.metadata(), **data.images}.items():
-        s3.put_object(Bucket=SOURCE, Key=key, Body=body)
-        if key.endswith(".csv.gz"):
-            (metadata_dir / key).write_bytes(body)
-    yield {"env": env, "data": data, "metadata_dir": metadata_dir}
+    for key, body in data.metadata().items():
+        (metadata_dir / key).write_bytes(body)
+    yield {"data": data, "later": later, "metadata_dir": metadata_dir, "front": front}
+    front.stop()
     server.stop()
     for key, value in saved.items():
         if value is None:
@@ -264,15 +191,13 @@ def s3_endpoint(tmp_path_factory):
             os.environ[key] = value
 
 
-@pytest.fixture(scope="module")
-def collector():
-    """The script imported as a module, for runs with instrumented clients."""
-    spec = importlib.util.spec_from_file_location("collect_inaturalist", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+@pytest.fixture
+def front(s3_endpoint):
+    """The front with no special behaviour; whatever a test sets is undone after it."""
+    front = s3_endpoint["front"]
+    front.reset()
+    yield front
+    front.reset()
 
 
 def write_config(path: Path, dest: str, **extra: object) -> Path:
@@ -286,6 +211,9 @@ def write_config(path: Path, dest: str, **extra: object) -> Path:
         "licenses": ALLOWED_LICENSES,
         "caps": {"Lycorma delicatula": 4},
         "workers": 4,
+        # One photo gone of the 32 selected is 3%: over the 1% default, which the tests of
+        # the later snapshot (160 photos) check.
+        "max_missing_percent": 5,
         **extra,
     }  # fmt: skip
     path.write_text("\n".join(f"{key} = {_toml(value)}" for key, value in settings.items()))
@@ -321,11 +249,11 @@ class CopyCounter:
             self.keys.append(params["Key"])
 
 
-def instrumented_run(collector, config: Path, counter: CopyCounter, *flags: str) -> int:
-    settings = collector.load_settings(["--config", str(config), *flags])
-    source, target = collector.make_clients(settings)
+def instrumented_run(config: Path, counter: CopyCounter, *flags: str) -> int:
+    settings = load_settings(["--config", str(config), *flags])
+    source, target = cli.make_clients(settings)
     target.meta.events.register("before-parameter-build.s3.CopyObject", counter)
-    return collector.run(settings, source, target)
+    return cli.run(settings, source, target)
 
 
 def read_csv(text: str) -> list[dict[str, str]]:
@@ -340,6 +268,22 @@ def target_objects(prefix: str) -> dict[str, tuple]:
         for page in pages
         for item in page.get("Contents", [])
     }
+
+
+def target_csv(prefix: str, name: str = "inaturalist.csv") -> list[dict[str, str]]:
+    body = boto3.client("s3").get_object(Bucket=TARGET, Key=prefix + name)["Body"]
+    return read_csv(body.read().decode())
+
+
+def check_attribution(rows: list[dict[str, str]]) -> None:
+    """Every row credits the photo's observer, as observers.csv.gz names them."""
+    assert rows and list(rows[0]) == CSV_HEADER
+    for row in rows:
+        observer = int(row["observer_id"])
+        assert row["observer_login"] == observer_login(observer)
+        assert row["observer_name"] == observer_name(observer)
+    assert any(row["observer_name"] == "" for row in rows)
+    assert any('"' in row["observer_name"] and "," in row["observer_name"] for row in rows)
 
 
 # --- settings -------------------------------------------------------------------------------
@@ -361,43 +305,64 @@ def test_missing_settings_fail_with_one_line_naming_them():
         (["--quality-grades", "good"], "quality grade(s) ['good'] unknown"),
         (["--cap", "Quercus alba=3"], "caps for Quercus alba: not a target, look-alike or 'other'"),
         (["--targets", "Acer rubrum,other"], "'other' is not a species"),
+        (["--max-missing-percent", "120"], "max_missing_percent = 120.0 is not a percentage"),
     ],
 )
-def test_bad_settings_say_what_is_wrong(collector, tmp_path, flags, message):
+def test_bad_settings_say_what_is_wrong(tmp_path, flags, message):
     config = write_config(tmp_path / "c.toml", "out")
-    with pytest.raises(collector.CollectError, match="^" + re.escape(message)):
-        collector.load_settings(["--config", str(config), *flags])
+    with pytest.raises(SettingsError, match="^" + re.escape(message)):
+        load_settings(["--config", str(config), *flags])
 
 
-def test_flags_win_over_the_config_even_when_zero(collector, tmp_path):
+def test_flags_win_over_the_config_even_when_zero(tmp_path):
     config = write_config(tmp_path / "c.toml", "out", max_per_class=50, seed=7)
-    settings = collector.load_settings(["--config", str(config), "--max-per-class", "0"])
+    settings = load_settings(["--config", str(config), "--max-per-class", "0"])
     assert settings.max_per_class == 0 and settings.seed == 7
     assert settings.cap_for("other") == 0 and settings.cap_for("Lycorma delicatula") == 4
 
 
-def test_example_config_holds_the_seed_choice(collector):
+def test_example_config_holds_the_seed_choice():
     example = REPO / "scripts" / "collect_inaturalist.example.toml"
-    settings = collector.load_settings(["--config", str(example), "--dest", "out"])
+    settings = load_settings(["--config", str(example), "--dest", "out"])
     assert list(settings.targets) == TARGETS and list(settings.lookalikes) == LOOKALIKES
-    assert settings.species_box == collector.Box(37.911717, 39.723043, -79.487651, -75.048939)
-    assert settings.other_box == collector.Box(39.19, 39.37, -76.71, -76.52)
+    assert settings.species_box == Box(37.911717, 39.723043, -79.487651, -75.048939)
+    assert settings.other_box == Box(39.19, 39.37, -76.71, -76.52)
     assert settings.quality_grades == ("research",) and settings.photo_size == "medium"
+    assert settings.max_missing_percent == 1.0
 
 
-def test_a_changed_column_layout_is_named(collector, s3_endpoint, tmp_path):
-    folder = tmp_path / "metadata"
+def _edited_metadata(source: Path, folder: Path, name: str, old: bytes, new: bytes) -> Path:
     folder.mkdir()
-    for name in ("taxa.csv.gz", "observations.csv.gz", "photos.csv.gz"):
-        body = (s3_endpoint["metadata_dir"] / name).read_bytes()
-        if name == "taxa.csv.gz":
-            body = gzip.compress(gzip.decompress(body).replace(b"\tname\t", b"\tsci_name\t", 1))
-        (folder / name).write_bytes(body)
+    for entry in source.iterdir():
+        body = entry.read_bytes()
+        if entry.name == name:
+            body = gzip.compress(gzip.decompress(body).replace(old, new, 1))
+        (folder / entry.name).write_bytes(body)
+    return folder
+
+
+def test_a_changed_column_layout_is_named(s3_endpoint, tmp_path):
+    folder = _edited_metadata(
+        s3_endpoint["metadata_dir"], tmp_path / "metadata", "taxa.csv.gz", b"\tname\t", b"\tx\t"
+    )
     config = write_config(tmp_path / "c.toml", str(tmp_path / "out"), metadata_dir=str(folder))
     result = run_cli("--config", str(config))
     assert result.returncode == 2
     assert "taxa.csv.gz lacks the column(s) name" in result.stderr
     assert "inaturalist-open-data/tree/main/Metadata" in result.stderr
+
+
+def test_a_target_known_only_as_an_inactive_taxon_is_named(s3_endpoint, tmp_path):
+    folder = _edited_metadata(
+        s3_endpoint["metadata_dir"], tmp_path / "metadata", "taxa.csv.gz",
+        b"Acer rubrum\ttrue", b"Acer rubrum\tfalse",
+    )  # fmt: skip
+    settings = load_settings(
+        ["--config", str(write_config(tmp_path / "c.toml", str(tmp_path / "out"))),
+         "--metadata-dir", str(folder)]
+    )  # fmt: skip
+    with pytest.raises(CollectError, match="no active taxon of rank species named 'Acer rubrum'"):
+        cli.run(settings, *cli.make_clients(settings))
 
 
 # --- collection -----------------------------------------------------------------------------
@@ -409,7 +374,7 @@ def test_a_changed_column_layout_is_named(collector, s3_endpoint, tmp_path):
     ids=["network-drops", "ctrl-c"],
 )
 def test_s3_copy_selects_by_box_and_species_and_resumes_without_copying_twice(
-    collector, s3_endpoint, tmp_path, failure
+    s3_endpoint, front, tmp_path, failure
 ):
     prefix = f"{type(failure).__name__}/training/"
     config = write_config(tmp_path / "c.toml", f"s3://{TARGET}/{prefix}")
@@ -418,9 +383,9 @@ def test_s3_copy_selects_by_box_and_species_and_resumes_without_copying_twice(
     first = CopyCounter(fail_after=10, failure=failure)
     if isinstance(failure, KeyboardInterrupt):
         with pytest.raises(KeyboardInterrupt):
-            instrumented_run(collector, config, first)
+            instrumented_run(config, first)
     else:
-        assert instrumented_run(collector, config, first) == 1
+        assert instrumented_run(config, first) == 1
     after_first = target_objects(prefix)
     images_first = {k: v for k, v in after_first.items() if k.startswith("images/")}
     assert "inaturalist.csv" not in after_first
@@ -429,7 +394,7 @@ def test_s3_copy_selects_by_box_and_species_and_resumes_without_copying_twice(
 
     # Second run: picks the saved plan up and copies only what is not there yet.
     second = CopyCounter()
-    assert instrumented_run(collector, config, second) == 0
+    assert instrumented_run(config, second) == 0
     assert len(second.keys) == SELECTED - len(images_first)
     assert not {prefix + k for k in images_first} & set(second.keys)
     after_second = target_objects(prefix)
@@ -438,21 +403,17 @@ def test_s3_copy_selects_by_box_and_species_and_resumes_without_copying_twice(
 
     # Third run: nothing left to copy but the photo the bucket no longer holds.
     third = CopyCounter()
-    assert instrumented_run(collector, config, third) == 0
+    assert instrumented_run(config, third) == 0
     assert len(third.keys) == 1
 
-    s3 = boto3.client("s3")
-    body = s3.get_object(Bucket=TARGET, Key=prefix + "inaturalist.csv")["Body"].read().decode()
-    rows = read_csv(body)
-    assert list(rows[0]) == [
-        "species_name", "image_name", "observation_uuid", "photo_id", "license", "observer_id",
-    ]  # fmt: skip
+    rows = target_csv(prefix)
+    check_attribution(rows)
     assert Counter(r["species_name"] for r in rows) == EXPECTED_SPECIES
     images = {k for k in target_objects(prefix) if k.startswith("images/")}
     assert {r["image_name"] for r in rows} == images
     for row in rows:
         assert row["image_name"] == f"images/{row['photo_id']}.{row['image_name'][-3:]}"
-        assert row["license"] in ALLOWED_LICENSES and row["observer_id"].isdigit()
+        assert row["license"] in ALLOWED_LICENSES
     _check_selection_details(s3_endpoint["data"], rows)
 
 
@@ -467,19 +428,24 @@ def _check_selection_details(data: OpenData, rows: list[dict[str, str]]) -> None
     assert first[1] in by_photo and second[1] not in by_photo
     assert sum(1 for r in rows if r["image_name"].endswith(".png")) == 3
     assert len({r["observation_uuid"] for r in rows}) == len(rows)
+    taxon_of = {row[0]: row[5] for row in data.observations}
+    rolled_up = [r for r in rows if taxon_of[r["observation_uuid"]] == 113]
+    assert [r["species_name"] for r in rolled_up] == ["Quercus alba"]
+    assert not any(taxon_of[r["observation_uuid"]] in (110, 114, 115) for r in rows)
 
 
-def test_local_folder_download_resumes_and_train_accepts_it(collector, s3_endpoint, tmp_path):
+def test_local_folder_download_resumes_and_train_accepts_it(s3_endpoint, front, tmp_path):
     channel = tmp_path / "channel"
     config = write_config(tmp_path / "c.toml", str(channel))
 
     first = run_cli("--config", str(config), "--metadata-dir", str(s3_endpoint["metadata_dir"]))
     assert first.returncode == 0, first.stderr
-    assert "copied now 30, already there 0, missing at source 1, failed 0" in first.stdout
+    assert "copied now 31, already there 0, missing at source 1, failed 0" in first.stdout
     assert DROPPED in first.stdout
     for name, count in EXPECTED_CLASSES.items():
         assert f"{name:<32} {count:>7}" in first.stdout
     rows = read_csv((channel / "inaturalist.csv").read_text())
+    check_attribution(rows)
     assert Counter(r["species_name"] for r in rows) == EXPECTED_SPECIES
     files = {f"images/{p.name}" for p in (channel / "images").iterdir()}
     assert files == {r["image_name"] for r in rows}
@@ -495,14 +461,14 @@ def test_local_folder_download_resumes_and_train_accepts_it(collector, s3_endpoi
     again = run_cli("--config", str(config), "--metadata-dir", str(s3_endpoint["metadata_dir"]))
     assert again.returncode == 0, again.stderr
     assert "reusing the selection" in again.stderr
-    assert "copied now 1, already there 29, missing at source 1, failed 0" in again.stdout
+    assert "copied now 1, already there 30, missing at source 1, failed 0" in again.stdout
     assert DROPPED in again.stdout
     for name, stamp in stamps.items():
         if not name.startswith("."):
             assert (channel / "images" / name).stat().st_mtime_ns == stamp, name
     assert read_csv((channel / "inaturalist.csv").read_text()) == rows
 
-    # A fresh scan with the same seed makes the same choice.
+    # A fresh scan, streamed from the bucket this time, with the same seed makes the same choice.
     rescan = run_cli("--config", str(config), "--rescan", "--select-only")
     assert rescan.returncode == 0, rescan.stderr
     plan = json.loads((channel / "collect_inaturalist.plan.json").read_text())
@@ -511,7 +477,15 @@ def test_local_folder_download_resumes_and_train_accepts_it(collector, s3_endpoi
     )
 
     (channel / "images" / ".partial-abc").unlink()
-    result, base = _train(tmp_path / "opt_ml", channel)
+    base = tmp_path / "opt_ml"
+    (base / "input" / "data").mkdir(parents=True)
+    (base / "input" / "data" / "training").symlink_to(channel)
+    write_hyperparameters(
+        base,
+        {"target_species": ",".join(TARGETS), "k_folds": "2", "num_epochs": "1",
+         "img_size": "32", "batch_size": "8", "pretrained": "false"},
+    )  # fmt: skip
+    result = run_train(base, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = json.loads((base / "output" / "data" / "metrics.json").read_text())
     assert metrics["classes"] == sorted(EXPECTED_CLASSES)
@@ -523,26 +497,3 @@ def _missing_photo_id(data: OpenData) -> int:
     missing = [row[1] for row in data.photos if row[1] not in stored]
     assert len(missing) == 1
     return missing[0]
-
-
-def _train(base: Path, channel: Path) -> tuple[subprocess.CompletedProcess, Path]:
-    """The real container/train on an /opt/ml layout whose training channel is the folder."""
-    if not TRAIN.exists():
-        pytest.fail(f"{TRAIN} does not exist yet: the trainer is needed for this test")
-    (base / "input" / "config").mkdir(parents=True)
-    shutil.copytree(channel, base / "input" / "data" / "training")
-    hyperparameters = {
-        "target_species": ",".join(TARGETS),
-        "k_folds": "2",
-        "num_epochs": "1",
-        "img_size": "32",
-        "batch_size": "8",
-        "pretrained": "false",
-    }
-    (base / "input" / "config" / "hyperparameters.json").write_text(json.dumps(hyperparameters))
-    env = {**os.environ, "SAGEMAKER_BASE_DIR": str(base), "PYTHONUNBUFFERED": "1"}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    result = subprocess.run(
-        [str(TRAIN)], env=env, capture_output=True, text=True, timeout=300
-    )  # fmt: skip
-    return result, base

@@ -65,3 +65,11 @@ def is_not_found(error: ClientError) -> bool:
     return error_code(error) in NOT_FOUND_CODES or (
         error_code(error) == "ValidationException" and "Could not find" in message
     )
+
+
+# S3 answers a request it refuses with AccessDenied, or a bare 403 for HEAD, which has no body.
+ACCESS_DENIED_CODES = frozenset({"AccessDenied", "403"})
+
+
+def is_access_denied(error: ClientError) -> bool:
+    return error_code(error) in ACCESS_DENIED_CODES
