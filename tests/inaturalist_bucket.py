@@ -59,11 +59,15 @@ def observer_name(observer_id: int) -> str:
 
 
 def public_read(bucket: str) -> dict:
-    """The open-data bucket's policy: anyone may list and read it, without signing."""
+    """The open-data bucket's policy: anyone may list and read it, without signing.
+
+    S3 authorizes a HEAD with s3:GetObject; moto asks for an action s3:HeadObject instead,
+    which the policy therefore names too.
+    """
     return {
         "Version": "2012-10-17",
         "Statement": [{"Effect": "Allow", "Principal": "*",
-                       "Action": ["s3:GetObject", "s3:ListBucket"],
+                       "Action": ["s3:GetObject", "s3:HeadObject", "s3:ListBucket"],
                        "Resource": [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"]}],
     }  # fmt: skip
 

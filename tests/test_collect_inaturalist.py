@@ -497,3 +497,118 @@ def _missing_photo_id(data: OpenData) -> int:
     missing = [row[1] for row in data.photos if row[1] not in stored]
     assert len(missing) == 1
     return missing[0]
+
+
+# --- the real bucket's behaviour ------------------------------------------------------------
+
+
+def _photo_requests(front: S3Front, bucket: str) -> list:
+    return [r for r in front.requests if r.bucket == bucket and r.key.startswith("photos/")]
+
+
+def test_a_copy_refused_to_the_users_credentials_falls_back_to_get_and_put(
+    s3_endpoint, front, tmp_path
+):
+    # The source bucket reads anonymously but refuses the user's signed requests, as the
+    # real one does for a user whose policy allows only their own bucket.
+    front.public_buckets.add(SOURCE)
+    prefix = "fallback/training/"
+    config = write_config(tmp_path / "c.toml", f"s3://{TARGET}/{prefix}")
+    result = run_cli("--config", str(config))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stderr.count("S3 refused a server-side copy") == 1, result.stderr
+    assert "anonymous GET, then PUT" in result.stderr
+    assert "copied now 31, already there 0, missing at source 1, failed 0" in result.stdout
+
+    copies = [r for r in front.requests if r.copy_source.startswith(SOURCE + "/")]
+    assert copies and all(r.status == 403 and r.signed for r in copies)
+    assert len(copies) <= 4  # at most the copies in flight when the first was refused
+    # Each refused copy was checked with an anonymous HEAD (the photo is there for anyone).
+    heads = [r for r in _photo_requests(front, SOURCE) if r.method == "HEAD"]
+    assert {r.key for r in heads} >= {r.copy_source.partition("/")[2] for r in copies}
+    assert not any(r.signed for r in heads)
+    gets = [r for r in _photo_requests(front, SOURCE) if r.method == "GET"]
+    assert len(gets) == SELECTED and not any(r.signed for r in gets)
+    puts = [
+        r for r in front.requests
+        if r.method == "PUT" and r.key.startswith(prefix + "images/") and not r.copy_source
+    ]  # fmt: skip
+    assert len(puts) == SELECTED - 1 and all(r.signed and r.status == 200 for r in puts)
+
+    rows = target_csv(prefix)
+    check_attribution(rows)
+    assert Counter(r["species_name"] for r in rows) == EXPECTED_SPECIES
+    s3 = boto3.client("s3")
+    for row in rows:
+        key = f"photos/{row['photo_id']}/medium.{row['image_name'].rsplit('.', 1)[1]}"
+        body = s3.get_object(Bucket=TARGET, Key=prefix + row["image_name"])["Body"].read()
+        assert body == s3_endpoint["data"].images[key]
+
+
+def test_photos_refused_since_the_snapshot_are_left_out_up_to_one_percent(
+    s3_endpoint, front, tmp_path
+):
+    later = s3_endpoint["later"]
+    keys = sorted(later.images)
+    front.withdrawn.add((GONE, keys[0]))
+    prefix = "later/training/"
+    config = write_config(
+        tmp_path / "c.toml", f"s3://{TARGET}/{prefix}", source_bucket=GONE, caps={},
+        lookalikes=[], max_missing_percent=1,
+    )  # fmt: skip
+
+    # One photo of 160 refused (0.6%): listed, left out, and the CSV is written.
+    first = run_cli("--config", str(config))
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "copied now 159, already there 0, missing at source 1, failed 0" in first.stdout
+    assert f"missing at source: s3://{GONE}/{keys[0]} (left out of the CSV)" in first.stdout
+    assert len(target_csv(prefix)) == 159
+    # The refused copy was classified with one anonymous HEAD, which the bucket refused too.
+    heads = [r for r in _photo_requests(front, GONE) if r.method == "HEAD"]
+    assert [(r.key, r.status, r.signed) for r in heads] == [(keys[0], 403, False)]
+
+    # A rerun tries the gone photo again and writes the CSV again: it never blocks.
+    boto3.client("s3").delete_object(Bucket=TARGET, Key=prefix + "inaturalist.csv")
+    again = run_cli("--config", str(config))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "copied now 0, already there 159, missing at source 1, failed 0" in again.stdout
+    assert len(target_csv(prefix)) == 159
+
+    # Three of 160 refused (1.9%) is more than gone photos: the run stops without a CSV.
+    front.withdrawn.update((GONE, key) for key in keys[1:3])
+    channel = tmp_path / "channel"
+    local = run_cli("--config", str(config), "--dest", str(channel))
+    assert local.returncode == 1, local.stdout + local.stderr
+    assert "3 photos (1.9%) are missing at source, more than max_missing_percent = 1" in (
+        local.stdout
+    )
+    assert not (channel / "inaturalist.csv").exists()
+    # ... unless the user allows more.
+    allowed = run_cli("--config", str(config), "--dest", str(channel), "--max-missing-percent", "2")
+    assert allowed.returncode == 0, allowed.stdout + allowed.stderr
+    assert "copied now 0, already there 157, missing at source 3, failed 0" in allowed.stdout
+    assert len(read_csv((channel / "inaturalist.csv").read_text())) == 157
+
+
+def test_a_metadata_stream_cut_in_the_middle_resumes_at_that_byte(s3_endpoint, front, tmp_path):
+    sizes = {
+        name: len(body) for name, body in s3_endpoint["data"].metadata().items()
+    }  # fmt: skip
+    cuts = {name: sizes[name] // 2 for name in ("observations.csv.gz", "photos.csv.gz")}
+    for name, cut in cuts.items():
+        front.cuts[(SOURCE, name)] = cut
+    channel = tmp_path / "channel"
+    config = write_config(tmp_path / "c.toml", str(channel))
+    result = run_cli("--config", str(config), "--select-only")
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name, cut in cuts.items():
+        assert f"{name}: the connection dropped at byte {cut:,}" in result.stderr
+        gets = [(r.range, r.body_bytes) for r in front.requests_for(name) if r.method == "GET"]
+        # The first GET was cut after `cut` bytes; the second asked for the rest only.
+        assert gets == [("", cut), (f"bytes={cut}-", sizes[name] - cut)]
+    plan = json.loads((channel / "collect_inaturalist.plan.json").read_text())
+    assert Counter(p["species_name"] for p in plan["photos"]) == Counter(
+        EXPECTED_SPECIES
+    ) + Counter(
+        {"Zenaida macroura": 1}  # the photo gone from the bucket is still in the plan
+    )
