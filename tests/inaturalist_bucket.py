@@ -140,6 +140,7 @@ class Request:
     bucket: str
     key: str
     signed: bool
+    query: str
     copy_source: str  # "bucket/key" of a CopyObject, else ""
     range: str
     status: int
@@ -216,7 +217,7 @@ class S3Front:
             for place in (read, copied)
             if place
         )
-        record = Request(handler.command, bucket, key, signed, copy_source,
+        record = Request(handler.command, bucket, key, signed, url.query, copy_source,
                          handler.headers.get("Range", ""), 403, 0)  # fmt: skip
         if denied:
             self._answer(handler, 403, [("Content-Type", "application/xml")], DENIED, record)

@@ -23,7 +23,9 @@ import subprocess
 import sys
 import threading
 from collections import Counter
+from fnmatch import fnmatchcase
 from pathlib import Path
+from urllib.parse import parse_qs
 
 import boto3
 import pytest
@@ -37,6 +39,7 @@ from species_tools.collector.settings import Box, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "collect_inaturalist.py"
+POLICY = REPO / "docs" / "iam" / "collector-policy.json"
 SOURCE = "inaturalist-open-data"
 GONE = "inaturalist-open-data-later"  # a snapshot whose bucket lost a few photos since
 TARGET = "my-training-data"
@@ -612,3 +615,62 @@ def test_a_metadata_stream_cut_in_the_middle_resumes_at_that_byte(s3_endpoint, f
     ) + Counter(
         {"Zenaida macroura": 1}  # the photo gone from the bucket is still in the plan
     )
+
+
+def _needs(request) -> list[tuple[str, str, str]]:
+    """(action, resource, s3:prefix) that S3 authorizes for one signed request."""
+    if not request.key:
+        prefix = parse_qs(request.query).get("prefix", [""])[0]
+        return [("s3:ListBucket", f"arn:aws:s3:::{request.bucket}", prefix)]
+    arn = f"arn:aws:s3:::{request.bucket}/{request.key}"
+    if request.method in ("GET", "HEAD"):
+        return [("s3:GetObject", arn, "")]
+    needs = [("s3:PutObject", arn, "")]
+    if request.copy_source:
+        needs.append(("s3:GetObject", f"arn:aws:s3:::{request.copy_source}", ""))
+    return needs
+
+
+def _allows(policy: dict, action: str, resource: str, prefix: str) -> bool:
+    def listed(value) -> list[str]:
+        return [value] if isinstance(value, str) else value
+
+    for statement in policy["Statement"]:
+        prefixes = statement.get("Condition", {}).get("StringLike", {}).get("s3:prefix")
+        if (
+            statement["Effect"] == "Allow"
+            and action in listed(statement["Action"])
+            and any(fnmatchcase(resource, r) for r in listed(statement["Resource"]))
+            and (prefixes is None or any(fnmatchcase(prefix, p) for p in prefixes))
+        ):
+            return True
+    return False
+
+
+def test_the_iam_policy_allows_every_request_signed_with_the_users_credentials(
+    s3_endpoint, front, tmp_path
+):
+    prefix = "policy/training"
+    policy = json.loads(POLICY.read_text().replace("BUCKET", TARGET).replace("PREFIX", prefix))
+    config = write_config(tmp_path / "c.toml", f"s3://{TARGET}/{prefix}")
+    result = run_cli("--config", str(config))
+    assert result.returncode == 0, result.stdout + result.stderr
+    signed = [r for r in front.requests if r.signed]
+    kinds = {(r.method, bool(r.key), bool(r.copy_source)) for r in signed}
+    # Listing the channel, reading the plan, server-side copies, writing the plan and CSV.
+    assert kinds == {("GET", False, False), ("GET", True, False), ("PUT", True, True),
+                     ("PUT", True, False)}  # fmt: skip
+    for request in signed:
+        for need in _needs(request):
+            assert _allows(policy, *need), f"{POLICY.name} does not allow {need}"
+
+    # Without the open-data statement, only the server-side copies are refused, and the
+    # collection completes through this machine.
+    front.reset()
+    front.public_buckets.add(SOURCE)
+    policy["Statement"] = [s for s in policy["Statement"] if "inaturalist" not in str(s)]
+    fallback = run_cli("--config", str(config), "--dest", f"s3://{TARGET}/{prefix}/again")
+    assert fallback.returncode == 0, fallback.stdout + fallback.stderr
+    for request in (r for r in front.requests if r.signed):
+        allowed = all(_allows(policy, *need) for need in _needs(request))
+        assert allowed == (request.status != 403), request
