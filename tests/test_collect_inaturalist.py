@@ -22,6 +22,7 @@ import re
 import subprocess
 import sys
 import threading
+import tomllib
 from collections import Counter
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -29,12 +30,15 @@ from urllib.parse import parse_qs
 
 import boto3
 import pytest
+from botocore import UNSIGNED
+from botocore.config import Config
 from botocore.exceptions import EndpointConnectionError
 from conftest import run_train, write_hyperparameters
-from inaturalist_bucket import OpenData, S3Front, observer_login, observer_name
+from inaturalist_bucket import OpenData, S3Front, observer_login, observer_name, public_read
 from moto.server import ThreadedMotoServer
 from species_tools.aws import SettingsError
 from species_tools.collector import CollectError, cli
+from species_tools.collector.metadata import MetadataSource
 from species_tools.collector.settings import Box, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -290,6 +294,12 @@ def check_attribution(rows: list[dict[str, str]]) -> None:
 
 
 # --- settings -------------------------------------------------------------------------------
+
+
+def test_the_command_is_installed_as_collect_inaturalist():
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, function = scripts["collect-inaturalist"].partition(":")
+    assert (module, function) == (cli.__name__, cli.main.__name__)
 
 
 def test_missing_settings_fail_with_one_line_naming_them():
@@ -615,6 +625,27 @@ def test_a_metadata_stream_cut_in_the_middle_resumes_at_that_byte(s3_endpoint, f
     ) + Counter(
         {"Zenaida macroura": 1}  # the photo gone from the bucket is still in the plan
     )
+
+
+def test_a_metadata_file_replaced_while_it_is_read_is_not_spliced(s3_endpoint, front):
+    bucket, name = "inaturalist-open-data-replaced", "photos.csv.gz"
+    first, second = open_data().metadata()[name], later_snapshot().metadata()[name]
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket=bucket)
+    s3.put_bucket_policy(Bucket=bucket, Policy=json.dumps(public_read(bucket)))
+    s3.put_object(Bucket=bucket, Key=name, Body=first)
+    front.cuts[(bucket, name)] = len(first) // 2
+    source = boto3.client("s3", config=Config(signature_version=UNSIGNED))
+
+    def next_snapshot_lands(params, **_):
+        if "Range" in params:  # the resumed request: the file was replaced just before it
+            s3.put_object(Bucket=bucket, Key=name, Body=second)
+
+    source.meta.events.register("provide-client-params.s3.GetObject", next_snapshot_lands)
+    rows = MetadataSource(source, bucket, None).rows(name, ("photo_id",))
+    with pytest.raises(CollectError, match=re.escape(f"s3://{bucket}/{name} was replaced")):
+        list(rows)
+    assert [r.status for r in front.requests_for(name) if r.method == "GET"] == [200, 412]
 
 
 def _needs(request) -> list[tuple[str, str, str]]:

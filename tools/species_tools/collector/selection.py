@@ -76,7 +76,7 @@ class Taxonomy:
     """What the first pass over the taxa keeps: little, as the file lists every taxon."""
 
     chosen: dict[int, str]  # targets, look-alikes and taxa below one -> species name
-    below_species: dict[int, list[int]]  # other active taxa below species -> their ancestors
+    below_species: dict[int, str]  # other active taxa below species -> their ancestry
     inactive: set[int]
 
 
@@ -107,7 +107,7 @@ def select_photos(settings: Settings, metadata: MetadataSource) -> Selection:
 def _taxonomy(settings: Settings, metadata: MetadataSource) -> Taxonomy:
     wanted = set(settings.targets) | set(settings.lookalikes)
     species_ids: dict[int, str] = {}
-    below: dict[int, list[int]] = {}
+    below: dict[int, str] = {}
     inactive: set[int] = set()
     inactive_names: dict[str, int] = {}
     columns = ("taxon_id", "ancestry", "rank_level", "rank", "name", "active")
@@ -115,7 +115,7 @@ def _taxonomy(settings: Settings, metadata: MetadataSource) -> Taxonomy:
         if not taxon_text.isdigit():
             continue
         taxon_id = int(taxon_text)
-        if active.lower() != "true":
+        if not _is_active(active):
             inactive.add(taxon_id)
             if rank == SPECIES and name in wanted:
                 inactive_names[name] = taxon_id
@@ -123,7 +123,7 @@ def _taxonomy(settings: Settings, metadata: MetadataSource) -> Taxonomy:
             if name in wanted:
                 species_ids[taxon_id] = name
         elif _rank_level(rank_level) < SPECIES_RANK_LEVEL:
-            below[taxon_id] = [int(a) for a in ancestry.split("/") if a.isdigit()]
+            below[taxon_id] = ancestry
     missing = sorted(wanted - set(species_ids.values()))
     if missing:
         replaced = [f"{n} (inactive: https://www.inaturalist.org/taxa/{inactive_names[n]})"
@@ -134,12 +134,21 @@ def _taxonomy(settings: Settings, metadata: MetadataSource) -> Taxonomy:
             "scientific name" + (f"; replaced: {', '.join(replaced)}" if replaced else "")
         )
     chosen = dict(species_ids)
-    for taxon_id, ancestors in list(below.items()):
-        species = next((species_ids[a] for a in ancestors if a in species_ids), None)
+    for taxon_id, ancestry in list(below.items()):
+        species = next((species_ids[a] for a in _ids(ancestry) if a in species_ids), None)
         if species is not None:
             chosen[taxon_id] = species
             del below[taxon_id]
     return Taxonomy(chosen, below, inactive)
+
+
+def _is_active(text: str) -> bool:
+    return text.strip().lower() == "true"
+
+
+def _ids(ancestry: str) -> list[int]:
+    """The taxon ids of an ancestry, `48460/1/2/355675`, root first."""
+    return [int(part) for part in ancestry.split("/") if part.isdigit()]
 
 
 def _rank_level(text: str) -> float:
@@ -182,13 +191,15 @@ def _species_names(
 ) -> dict[int, str]:
     """taxon -> species name for those taxa that are a species or below an active one;
     genus-level and other coarser IDs get none."""
-    ancestors = {t: taxonomy.below_species[t] for t in taxon_ids if t in taxonomy.below_species}
+    ancestors = {
+        t: _ids(taxonomy.below_species[t]) for t in taxon_ids if t in taxonomy.below_species
+    }
     needed = taxon_ids | {a for chain in ancestors.values() for a in chain}
     species: dict[int, str] = {}
     for taxon_text, rank, name, active in metadata.rows(
         TAXA, ("taxon_id", "rank", "name", "active")
     ):
-        is_species = rank == SPECIES and active.lower() == "true" and taxon_text.isdigit()
+        is_species = rank == SPECIES and _is_active(active) and taxon_text.isdigit()
         if is_species and int(taxon_text) in needed:
             species[int(taxon_text)] = name
     names = {t: species[t] for t in taxon_ids if t in species}
