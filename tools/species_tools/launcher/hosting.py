@@ -1,0 +1,401 @@
+"""Models and endpoints: `deploy` (create, update in place, or replace a Failed endpoint) and `delete`.
+
+Every `EndpointStatus` the API defines is handled. Before anything is created, `deploy` waits
+out the transitional states (Creating, Updating, SystemUpdating, RollingBack, Deleting) and
+deletes a Failed endpoint, which accepts no other call; InService, OutOfService and
+UpdateRollbackFailed endpoints are updated in place. `delete` removes an endpoint with every
+config and model it uses, the pending ones of an update in flight included, and the model a
+transform job was given.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from species_tools.aws import SettingsError, is_not_found, split_s3_uri
+from species_tools.launcher import limits
+from species_tools.launcher.session import Context, poll_until
+from species_tools.launcher.settings import (
+    PROG,
+    Command,
+    JobFailed,
+    SettingsParser,
+    add_pairs,
+    check_name,
+    format_duration,
+    parse_duration,
+    require,
+    tag_list,
+    timestamped_name,
+)
+
+# What each EndpointStatus means for a deploy (the API's list, all nine).
+TRANSITIONAL = ("Creating", "Updating", "SystemUpdating", "RollingBack", "Deleting")
+UPDATABLE = ("InService", "OutOfService", "UpdateRollbackFailed")
+MODEL_ENVIRONMENT_ENTRIES = 100
+MODEL_ENVIRONMENT_LENGTH = 1024
+DEFAULT_STARTUP_S = 600
+# Compiling the serving model (the image's SPECIES_SERVE_COMPILE) takes minutes per batch
+# shape before /ping answers: allow half an hour (SageMaker's maximum is 3600 s).
+COMPILE_ENV = "SPECIES_SERVE_COMPILE"
+COMPILE_STARTUP_S = 1800
+# Beyond the model download and start-up windows, instances take minutes to provision.
+PROVISIONING_S = 30 * 60
+
+
+def add_model_arguments(parser: SettingsParser, creates_what: str) -> None:
+    parser.add_argument("--training-job", help=f"serve this Completed job's model ({creates_what})")
+    parser.add_argument("--model-data", metavar="S3_URI", help="serve this model.tar.gz")
+    parser.add_argument(
+        "--image", help="serving image (default: the training job's image; env SPECIES_IMAGE)"
+    )
+    parser.add_argument("--role", help="execution role ARN for the model (env SPECIES_ROLE_ARN)")
+    add_pairs(
+        parser,
+        "--env",
+        "env",
+        "repeatable container environment variable, e.g. SAGEMAKER_MODEL_SERVER_WORKERS=1",
+    )
+    add_pairs(parser, "--tag", "tags", "repeatable tag")
+
+
+def model_source(args: argparse.Namespace, ctx: Context) -> str:
+    """The model.tar.gz to serve; with --training-job, that job's (which must be Completed)."""
+    if args.training_job and args.model_data:
+        raise SettingsError("pass --training-job or --model-data, not both")
+    if args.training_job:
+        d = ctx.aws.sagemaker.describe_training_job(TrainingJobName=args.training_job)
+        if d["TrainingJobStatus"] != "Completed":
+            raise SettingsError(
+                f"training job {args.training_job} is {d['TrainingJobStatus']}: "
+                "only a Completed job has a model to serve"
+            )
+        if not args.image:
+            # The image that trained the model reads its bundle; used when no image is set.
+            args.image = d["AlgorithmSpecification"]["TrainingImage"]
+        return d["ModelArtifacts"]["S3ModelArtifacts"]
+    if args.model_data:
+        split_s3_uri(args.model_data)
+        return args.model_data
+    raise SettingsError("missing model: pass --training-job NAME or --model-data S3_URI")
+
+
+def model_environment(args: argparse.Namespace) -> dict[str, str]:
+    environment = dict(args.env or [])
+    limits.check_environment(
+        environment, "a model", MODEL_ENVIRONMENT_ENTRIES, MODEL_ENVIRONMENT_LENGTH
+    )
+    return environment
+
+
+def create_model(
+    args: argparse.Namespace, ctx: Context, name: str, model_data: str, tags: list[dict[str, str]]
+) -> None:
+    container: dict[str, Any] = {"Image": args.image, "ModelDataUrl": model_data}
+    environment = model_environment(args)
+    if environment:
+        container["Environment"] = environment
+    ctx.aws.sagemaker.create_model(
+        ModelName=name, ExecutionRoleArn=args.role, PrimaryContainer=container, Tags=tags
+    )
+    ctx.out(f"model {name} created: {args.image} serving {model_data}")
+
+
+# ---------------------------------------------------------------- endpoint states
+
+
+def describe_endpoint(ctx: Context, endpoint: str) -> dict[str, Any] | None:
+    """The endpoint's description, or None when there is no such endpoint."""
+    try:
+        return ctx.aws.sagemaker.describe_endpoint(EndpointName=endpoint)
+    except ClientError as error:
+        if is_not_found(error):
+            return None
+        raise
+
+
+def status_printer(ctx: Context, endpoint: str):
+    """describe() for poll_until that prints each new status of the endpoint once."""
+    printed = {"status": ""}
+
+    def describe() -> dict[str, Any] | None:
+        description = describe_endpoint(ctx, endpoint)
+        status = description["EndpointStatus"] if description else "gone"
+        if status != printed["status"]:
+            ctx.out(f"[{status}] {endpoint}")
+            printed["status"] = status
+        return description
+
+    return describe
+
+
+def settled_endpoint(
+    ctx: Context, endpoint: str, poll_seconds: float, timeout_s: float
+) -> dict[str, Any] | None:
+    """The endpoint once it is in a state a deploy can act on (None: there is none)."""
+    return poll_until(
+        status_printer(ctx, endpoint),
+        lambda d: d is None or d["EndpointStatus"] not in TRANSITIONAL,
+        what=f"endpoint {endpoint} to finish what it is doing before this deploy",
+        timeout_s=timeout_s,
+        poll_seconds=poll_seconds,
+        ctx=ctx,
+    )
+
+
+def models_of(ctx: Context, config: str) -> list[str]:
+    variants = ctx.aws.sagemaker.describe_endpoint_config(EndpointConfigName=config)
+    return [variant["ModelName"] for variant in variants["ProductionVariants"]]
+
+
+def cleanup_hint(ctx: Context, config: str) -> str:
+    models = "".join(f" --model {model}" for model in models_of(ctx, config))
+    return f"{PROG} delete --endpoint-config {config}{models}"
+
+
+def replace_failed_endpoint(
+    ctx: Context, description: Mapping[str, Any], poll_seconds: float, timeout_s: float
+) -> None:
+    """Delete a Failed endpoint (the only call SageMaker accepts on one) and wait until it is gone."""
+    endpoint = description["EndpointName"]
+    old_config = description["EndpointConfigName"]
+    hint = cleanup_hint(ctx, old_config)
+    ctx.out(
+        f"endpoint {endpoint} is Failed ({description.get('FailureReason') or 'no reason given'}); "
+        "a Failed endpoint can only be deleted: deleting it, then creating it again"
+    )
+    ctx.aws.sagemaker.delete_endpoint(EndpointName=endpoint)
+    poll_until(
+        status_printer(ctx, endpoint),
+        lambda d: d is None,
+        what=f"the Failed endpoint {endpoint} to be deleted",
+        timeout_s=timeout_s,
+        poll_seconds=poll_seconds,
+        ctx=ctx,
+    )
+    ctx.out(f"  the failed deployment's config and model are kept; remove them with: {hint}")
+
+
+def wait_until_in_service(
+    ctx: Context, endpoint: str, poll_seconds: float, timeout_s: float
+) -> dict[str, Any]:
+    description = poll_until(
+        status_printer(ctx, endpoint),
+        lambda d: d is None or d["EndpointStatus"] not in TRANSITIONAL,
+        what=f"endpoint {endpoint} to be InService",
+        timeout_s=timeout_s,
+        poll_seconds=poll_seconds,
+        ctx=ctx,
+    )
+    if description is None:
+        raise JobFailed(f"endpoint {endpoint} was deleted while it deployed")
+    status = description["EndpointStatus"]
+    reason = description.get("FailureReason") or "no reason given"
+    if status == "UpdateRollbackFailed":
+        raise JobFailed(
+            f"endpoint {endpoint} UpdateRollbackFailed: the update failed and so did the rollback; "
+            f"it serves a mix of old and new configurations ({reason}). Deploy again, or delete it"
+        )
+    if status != "InService":
+        raise JobFailed(f"endpoint {endpoint} {status}: {reason}")
+    return description
+
+
+# ---------------------------------------------------------------- deploy
+
+
+def add_deploy_arguments(deploy: SettingsParser) -> None:
+    deploy.add_argument(
+        "--endpoint", help="endpoint name (created, or updated in place if it exists)"
+    )
+    add_model_arguments(deploy, "creates a model")
+    deploy.add_argument(
+        "--instance-type", help="e.g. ml.g5.xlarge, ml.g6.xlarge, ml.g4dn.xlarge, ml.m5.xlarge"
+    )
+    deploy.add_argument("--instance-count", type=int, default=1, help="default 1")
+    deploy.add_argument(
+        "--startup-timeout",
+        type=int,
+        help=f"seconds for /ping to pass after start (60-3600; default {DEFAULT_STARTUP_S}, "
+        f"{COMPILE_STARTUP_S} with --env {COMPILE_ENV}=1)",
+    )
+    deploy.add_argument(
+        "--download-timeout",
+        type=int,
+        default=600,
+        help="seconds to download the model (60-3600, default 600)",
+    )
+    deploy.add_argument(
+        "--wait",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="wait until InService (default)",
+    )
+    deploy.add_argument(
+        "--wait-timeout",
+        type=parse_duration,
+        help="give up waiting after this long (default: download + start-up timeouts + 30m); "
+        "the deployment carries on",
+    )
+
+
+def compiles(environment: Mapping[str, str]) -> bool:
+    return environment.get(COMPILE_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def startup_timeout(args: argparse.Namespace, environment: Mapping[str, str]) -> int:
+    if args.startup_timeout is not None:
+        return args.startup_timeout
+    return COMPILE_STARTUP_S if compiles(environment) else DEFAULT_STARTUP_S
+
+
+def command_deploy(args: argparse.Namespace, ctx: Context) -> int:
+    require(args, "endpoint", "instance_type")
+    endpoint = check_name(args.endpoint, "endpoint name")
+    startup_s = startup_timeout(args, model_environment(args))
+    limits.check_range(startup_s, 60, 3600, "--startup-timeout")
+    limits.check_range(args.download_timeout, 60, 3600, "--download-timeout")
+    tags = tag_list(args.tags)
+    limits.check_tags(tags)
+    timeout_s = args.wait_timeout or startup_s + args.download_timeout + PROVISIONING_S
+    model_data = model_source(args, ctx)
+    require(args, "image", "role")
+
+    existing = settled_endpoint(ctx, endpoint, args.poll_seconds, timeout_s)
+    if existing is not None and existing["EndpointStatus"] == "Failed":
+        replace_failed_endpoint(ctx, existing, args.poll_seconds, timeout_s)
+        existing = None
+
+    model = timestamped_name(endpoint)
+    config = timestamped_name(f"{endpoint[:40]}-config")
+    create_model(args, ctx, model, model_data, tags)
+    ctx.aws.sagemaker.create_endpoint_config(
+        EndpointConfigName=config,
+        ProductionVariants=[
+            {
+                "VariantName": "AllTraffic",
+                "ModelName": model,
+                "InstanceType": args.instance_type,
+                "InitialInstanceCount": args.instance_count,
+                # The default start-up window (about 4 minutes) is short for a cold GPU model load.
+                "ContainerStartupHealthCheckTimeoutInSeconds": startup_s,
+                "ModelDataDownloadTimeoutInSeconds": args.download_timeout,
+            }
+        ],
+        Tags=tags,
+    )
+    ctx.out(
+        f"endpoint config {config} created: {args.instance_count} x {args.instance_type}, "
+        f"start-up window {format_duration(startup_s)}"
+    )
+    if existing is not None:
+        previous = existing["EndpointConfigName"]
+        ctx.aws.sagemaker.update_endpoint(EndpointName=endpoint, EndpointConfigName=config)
+        ctx.out(
+            f"endpoint {endpoint} updating in place from {existing['EndpointStatus']} "
+            f"(it serves {previous} until then)"
+        )
+        ctx.out(
+            f"  once it is InService, remove what it no longer uses: {cleanup_hint(ctx, previous)}"
+        )
+    else:
+        ctx.aws.sagemaker.create_endpoint(
+            EndpointName=endpoint, EndpointConfigName=config, Tags=tags
+        )
+        ctx.out(f"endpoint {endpoint} creating")
+    if not args.wait:
+        return 0
+    try:
+        description = wait_until_in_service(ctx, endpoint, args.poll_seconds, timeout_s)
+    except KeyboardInterrupt:
+        ctx.err(f"stopped waiting; endpoint {endpoint} keeps deploying")
+        return 130
+    if description["EndpointConfigName"] != config:
+        raise JobFailed(
+            f"endpoint {endpoint} rolled back to {description['EndpointConfigName']}: "
+            f"{description.get('FailureReason', 'no reason given')}"
+        )
+    ctx.out(f"endpoint {endpoint} is InService. Try: {PROG} invoke --endpoint {endpoint} PHOTO.jpg")
+    return 0
+
+
+# ---------------------------------------------------------------- delete
+
+
+def add_delete_arguments(delete: SettingsParser) -> None:
+    delete.add_argument(
+        "--endpoint",
+        help="endpoint to delete, with its config and models (and those of an update in flight)",
+    )
+    delete.add_argument(
+        "--transform-job", help="delete the model this transform job created (named after it)"
+    )
+    delete.add_argument(
+        "--endpoint-config", action="append", help="also delete this endpoint config (repeatable)"
+    )
+    delete.add_argument("--model", action="append", help="also delete this model (repeatable)")
+    delete.add_argument(
+        "--keep-model", action="store_true", help="keep the endpoint's models (e.g. for transform)"
+    )
+
+
+def transform_model(ctx: Context, job: str) -> list[str]:
+    """The model `transform` created for this job: named after it; any other model is kept."""
+    model = ctx.aws.sagemaker.describe_transform_job(TransformJobName=job)["ModelName"]
+    if model == job:
+        return [model]
+    ctx.out(f"model {model} of transform job {job} was not created for it: kept")
+    return []
+
+
+def command_delete(args: argparse.Namespace, ctx: Context) -> int:
+    sm = ctx.aws.sagemaker
+    configs = list(args.endpoint_config or [])
+    models = list(args.model or [])
+    if not (args.endpoint or args.transform_job or configs or models):
+        raise SettingsError(
+            "nothing to delete: pass --endpoint NAME (and/or --transform-job, --endpoint-config, "
+            "--model)"
+        )
+    if args.transform_job:
+        models += transform_model(ctx, args.transform_job)
+    if args.endpoint:
+        description = sm.describe_endpoint(EndpointName=args.endpoint)
+        # An update in flight has its own config and model, which the endpoint never adopted.
+        pending = (description.get("PendingDeploymentSummary") or {}).get("EndpointConfigName")
+        endpoint_configs = [description["EndpointConfigName"]]
+        if pending and pending not in endpoint_configs:
+            endpoint_configs.append(pending)
+        endpoint_models = [model for config in endpoint_configs for model in models_of(ctx, config)]
+        sm.delete_endpoint(EndpointName=args.endpoint)
+        ctx.out(f"endpoint {args.endpoint} deleted (billing stops as its instances shut down)")
+        configs[:0] = endpoint_configs
+        if not args.keep_model:
+            models[:0] = endpoint_models
+    for config in dict.fromkeys(configs):
+        sm.delete_endpoint_config(EndpointConfigName=config)
+        ctx.out(f"endpoint config {config} deleted")
+    for model in dict.fromkeys(models):
+        sm.delete_model(ModelName=model)
+        ctx.out(f"model {model} deleted")
+    return 0
+
+
+COMMANDS = [
+    Command(
+        "deploy",
+        "create or update an endpoint from a training job or a model.tar.gz, wait for InService",
+        add_deploy_arguments,
+        command_deploy,
+    ),
+    Command(
+        "delete",
+        "delete an endpoint with its endpoint configs and models, or leftovers by name",
+        add_delete_arguments,
+        command_delete,
+    ),
+]
