@@ -33,9 +33,9 @@ from species_tools.launcher.settings import (
     timestamped_name,
 )
 
-# What each EndpointStatus means for a deploy (the API's list, all nine).
+# Of the nine EndpointStatus values, these are waited out; Failed is replaced, and the other
+# three (InService, OutOfService, UpdateRollbackFailed) accept UpdateEndpoint.
 TRANSITIONAL = ("Creating", "Updating", "SystemUpdating", "RollingBack", "Deleting")
-UPDATABLE = ("InService", "OutOfService", "UpdateRollbackFailed")
 MODEL_ENVIRONMENT_ENTRIES = 100
 MODEL_ENVIRONMENT_LENGTH = 1024
 DEFAULT_STARTUP_S = 600

@@ -4,6 +4,12 @@ Each command registers its own arguments on a `SettingsParser`, which records th
 setting it defines: those names are what the config file may set, at the top level (for every
 command that has the setting) or in a table per command. Region, role, bucket and image never
 have a silent default.
+
+argparse rather than click: click's `default_map` replaces a repeatable option's default
+where this tool merges them (the config's `[train.hyperparameters]` table plus
+`--hyperparameter` flags, a flag winning per key), and its usage errors would need their own
+formatting to stay one line with exit status 2. Recording settings as they are added keeps
+argparse's private `_actions` out of it.
 """
 
 from __future__ import annotations
