@@ -831,25 +831,55 @@ def test_delete_removes_endpoint_config_and_model(run, aws):
 
 
 def test_deploy_onto_a_failed_endpoint_deletes_it_then_creates_it(run, aws):
-    assert run(*deploy_args("sc-failed-endpoint"))[0] == 0
-    old_config, old_model, _ = serving(aws, "sc-failed-endpoint")
-    set_endpoint_state("sc-failed-endpoint", "Failed", "CannotStartContainerError: ping timed out")
-    wire = Wire()  # no UpdateEndpoint answer: a Failed endpoint accepts none
+    name = "sc-failed-endpoint"
+    assert run(*deploy_args(name))[0] == 0
+    old_config, old_model, _ = serving(aws, name)
+    set_endpoint_state(name, "Failed", "CannotStartContainerError: ping timed out")
 
-    code, out, err = run(*deploy_args("sc-failed-endpoint", "v2"), wire=wire)
+    def delete_slowly(params, **_):
+        # A real endpoint stays Deleting for a while before it is gone.
+        set_endpoint_state(name, "Deleting")
+        return AWSResponse("", 200, {}, None), {}
+
+    def gone():
+        del moto_sagemaker().endpoints[name]
+
+    # No UpdateEndpoint answer: a Failed endpoint accepts none.
+    wire = Wire(answers={"sagemaker.DeleteEndpoint": delete_slowly})
+
+    code, out, err = run(*deploy_args(name, "v2"), wire=wire, clock=Clock(steps=[gone]))
 
     assert code == 0, err
     operations = wire.operations()
     assert "UpdateEndpoint" not in operations
-    assert operations.index("DeleteEndpoint") < operations.index("CreateEndpoint")
-    assert (
-        "endpoint sc-failed-endpoint is Failed (CannotStartContainerError: ping timed out)" in out
-    )
-    assert "[gone] sc-failed-endpoint" in out
+    assert f"endpoint {name} is Failed (CannotStartContainerError: ping timed out)" in out
+    lines = out.splitlines()
+    assert lines.index(f"[Deleting] {name}") < lines.index(f"[gone] {name}")
+    assert lines.index(f"[gone] {name}") < lines.index(f"endpoint {name} creating")
     assert f"delete --endpoint-config {old_config} --model {old_model}" in out
-    config, _, model_data = serving(aws, "sc-failed-endpoint")
+    config, _, model_data = serving(aws, name)
     assert config != old_config and model_data.endswith("/v2/model.tar.gz")
-    assert "endpoint sc-failed-endpoint is InService" in out
+    assert f"endpoint {name} is InService" in out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--endpoint", "under_score"), "invalid endpoint name 'under_score'"),
+        (("--env", "2FAST=1"), "environment variable name '2FAST'"),
+        (("--env", "NOTE=" + "x" * 1025), "NOTE has a value of 1025 characters: at most 1024"),
+        (("--tag", "aws:team=x"), "tag key 'aws:team': the aws: prefix is reserved"),
+        (("--startup-timeout", "59"), "--startup-timeout must be between 60 and 3600, got 59"),
+        (("--download-timeout", "4000"), "--download-timeout must be between 60 and 3600"),
+    ],
+)
+def test_deploy_limits_are_checked_before_any_call(run, extra, message):
+    wire = Wire()
+    code, _, err = run(*deploy_args("sc-limits", "v1", *extra), wire=wire)
+    assert code == 2
+    [line] = err.strip().splitlines()
+    assert message in line, line
+    assert wire.operations() == []
 
 
 @pytest.mark.parametrize("status", ["OutOfService", "UpdateRollbackFailed"])
