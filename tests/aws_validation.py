@@ -123,6 +123,9 @@ def documented_faults(operation: str, params: Mapping[str, Any]) -> list[str]:
         for tag in params.get("Tags") or []
         if isinstance(tag, Mapping) and str(tag.get("Key", "")).lower().startswith("aws:")
     ]
+    keep_alive = (params.get("ResourceConfig") or {}).get("KeepAlivePeriodInSeconds")
+    if operation == "CreateTrainingJob" and params.get("EnableManagedSpotTraining") and keep_alive:
+        faults.append("ResourceConfig: warm pools (KeepAlivePeriodInSeconds) do not work with spot")
     if operation == "CreateTrainingJob" and params.get("EnableManagedSpotTraining"):
         stopping = params.get("StoppingCondition") or {}
         runtime, wait = stopping.get("MaxRuntimeInSeconds"), stopping.get("MaxWaitTimeInSeconds")

@@ -45,6 +45,18 @@ def test_a_valid_request_has_no_faults():
             },
             "MaxWaitTimeInSeconds 3600 < MaxRuntimeInSeconds 7200",
         ),
+        (
+            {
+                "EnableManagedSpotTraining": True,
+                "StoppingCondition": {"MaxRuntimeInSeconds": 60, "MaxWaitTimeInSeconds": 60},
+                "ResourceConfig": {
+                    "InstanceType": "ml.g5.2xlarge",
+                    "InstanceCount": 1,
+                    "KeepAlivePeriodInSeconds": 600,
+                },
+            },
+            "warm pools (KeepAlivePeriodInSeconds) do not work with spot",
+        ),
         ({"EnableNetworkIsolation": "yes"}, "expected true or false"),
         ({"Bogus": 1}, "unknown member Bogus"),
     ],

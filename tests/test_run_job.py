@@ -432,6 +432,9 @@ FIFTY_TAGS = [arg for i in range(50) for arg in ("--tag", f"t{i}=v")]
         (["--job-name", "under_score"], "invalid job name 'under_score'"),
         (["--spot", "--max-runtime", "2h", "--max-wait", "1h"], "--max-wait (1h) must be at least --max-runtime (2h)"),
         (["--max-runtime", "29d"], "--max-runtime is 1s to 28d, got 29d"),
+        (["--keep-alive", "7h"], "--keep-alive (seconds) must be between 1 and 21600, got 25200"),
+        (["--spot", "--keep-alive", "10m"], "--keep-alive: SageMaker keeps no warm pool for spot"),
+        (["--retries", "31"], "--retries must be between 1 and 30, got 31"),
     ],
 )  # fmt: skip
 def test_training_limits_are_checked_before_any_upload(run, tmp_path, extra, message):
@@ -464,6 +467,32 @@ def test_transform_limits_are_checked_before_any_call(run, extra, message):
     [line] = err.strip().splitlines()
     assert message in line, line
     assert wire.operations() == []
+
+
+def test_warm_pool_retries_and_resume_reach_the_request(run, aws):
+    wire = Wire()
+    code, out, err = run(*train_args("sc-warm", "--keep-alive", "30m", "--retries", "3"), wire=wire)
+    assert code == 0, err
+    [sent] = wire.bodies("CreateTrainingJob")
+    assert sent["ResourceConfig"]["KeepAlivePeriodInSeconds"] == 1800
+    assert sent["RetryStrategy"] == {"MaximumRetryAttempts": 3}
+    first = f"s3://{BUCKET}/species-classifier/output/sc-warm/checkpoints/"
+    # Retried attempts are the same job: its checkpoint prefix does not change between them.
+    assert sent["CheckpointConfig"]["S3Uri"] == first
+
+    wire = Wire()
+    code, out, err = run(*train_args("sc-warm-resumed", "--resume", "sc-warm"), wire=wire)
+    assert code == 0, err
+    [sent] = wire.bodies("CreateTrainingJob")
+    assert sent["CheckpointConfig"]["S3Uri"] == first
+    assert f"checkpoints: {first} (from sc-warm)" in out
+
+    code, _, err = run(*train_args("sc-warm-2", "--resume", "sc-warm", "--checkpoint-s3", first))
+    assert code == 2 and "pass --resume JOB or --checkpoint-s3 URI, not both" in err
+    wire = Wire()
+    code, _, err = run(*train_args("sc-warm-3", "--resume", "sc-no-such-job"), wire=wire)
+    assert code == 1 and "Could not find training job" in err
+    assert "CreateTrainingJob" not in wire.operations()
 
 
 def test_train_wait_streams_every_host_in_time_order_and_unpacks_the_output(run, aws, tmp_path):

@@ -51,6 +51,8 @@ CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"
 TRAINING_LOG_GROUP = "/aws/sagemaker/TrainingJobs"
 JOB_TERMINAL = ("Completed", "Failed", "Stopped")
 MAX_RUNTIME_LIMIT_S = 28 * 24 * 3600
+MAX_KEEP_ALIVE_S = 6 * 3600  # ResourceConfig.KeepAlivePeriodInSeconds in the service model
+MAX_RETRIES = 30
 # Beyond its stopping condition a job still starts instances, downloads data and uploads
 # the model: the watch gives up this long after SageMaker itself would have stopped the job.
 WATCH_MARGIN_S = 2 * 3600
@@ -126,6 +128,23 @@ def add_train_arguments(train: SettingsParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=False,
         help="no network in the container",
+    )
+    train.add_argument(
+        "--keep-alive",
+        type=parse_duration,
+        help="warm pool: keep the instances this long after the job (e.g. 30m, at most 6h; not "
+        "with --spot) so the next matching job starts in seconds; billed while kept",
+    )
+    train.add_argument(
+        "--retries",
+        type=int,
+        help="retry the job up to N times (1-30) when SageMaker fails it with an internal error; "
+        "each attempt resumes from the same checkpoints",
+    )
+    train.add_argument(
+        "--resume",
+        metavar="JOB",
+        help="start from JOB's checkpoints (a stopped, failed or interrupted job of this command)",
     )
     train.add_argument("--job-name", help="default species-classifier-YYYYMMDD-HHMMSS-mmm")
     add_pairs(
@@ -222,7 +241,24 @@ def training_job_request(args: argparse.Namespace, job: str, data_uri: str, outp
     }
     if environment:
         request["Environment"] = environment
+    if args.keep_alive:
+        limits.check_range(args.keep_alive, 1, MAX_KEEP_ALIVE_S, "--keep-alive (seconds)")
+        if args.spot:
+            raise SettingsError("--keep-alive: SageMaker keeps no warm pool for spot instances")
+        request["ResourceConfig"]["KeepAlivePeriodInSeconds"] = args.keep_alive
+    if args.retries is not None:
+        limits.check_range(args.retries, 1, MAX_RETRIES, "--retries")
+        request["RetryStrategy"] = {"MaximumRetryAttempts": args.retries}
     return request
+
+
+def checkpoints_of(ctx: Context, job: str) -> str:
+    """The checkpoint prefix an earlier job wrote, for --resume."""
+    description = ctx.aws.sagemaker.describe_training_job(TrainingJobName=job)
+    uri = (description.get("CheckpointConfig") or {}).get("S3Uri")
+    if not uri:
+        raise SettingsError(f"--resume {job}: that job kept no checkpoints (no CheckpointConfig)")
+    return uri
 
 
 def training_data_location(args: argparse.Namespace) -> tuple[str, Path | None, list[Path]]:
@@ -253,6 +289,10 @@ def command_train(args: argparse.Namespace, ctx: Context) -> int:
     data_uri, folder, files = training_data_location(args)
     # The whole request is validated before any upload.
     request = training_job_request(args, job, data_uri, output)
+    if args.resume:
+        if args.checkpoint_s3:
+            raise SettingsError("pass --resume JOB or --checkpoint-s3 URI, not both")
+        request["CheckpointConfig"]["S3Uri"] = checkpoints_of(ctx, args.resume)
     if folder is not None:
         upload_channel(ctx.aws.s3, folder, files, data_uri, ctx.out)
     ctx.aws.sagemaker.create_training_job(**request)
@@ -267,7 +307,8 @@ def command_train(args: argparse.Namespace, ctx: Context) -> int:
     ctx.out(f"  image:       {args.image}")
     ctx.out(f"  data:        {data_uri}")
     ctx.out(f"  output:      {output}")
-    ctx.out(f"  checkpoints: {request['CheckpointConfig']['S3Uri']}")
+    resumed = f" (from {args.resume})" if args.resume else ""
+    ctx.out(f"  checkpoints: {request['CheckpointConfig']['S3Uri']}{resumed}")
     ctx.out(f"  console:     {console_url(ctx.region, job)}")
     if not args.wait:
         ctx.out(f"watch it: {PROG} logs {job} --follow   (status: {PROG} status {job})")
