@@ -487,6 +487,18 @@ def test_warm_pool_retries_and_resume_reach_the_request(run, aws):
     assert sent["CheckpointConfig"]["S3Uri"] == first
     assert f"checkpoints: {first} (from sc-warm)" in out
 
+    def pool_kept(parsed, **_):
+        # What SageMaker reports once the job is done and its instances wait (moto has no pools).
+        parsed["WarmPoolStatus"] = {
+            "Status": "Available",
+            "ResourceRetainedBillableTimeInSeconds": 420,
+        }
+
+    code, out, _ = run(
+        "status", "sc-warm", wire=Wire(after={"sagemaker.DescribeTrainingJob": pool_kept})
+    )
+    assert code == 0 and "warm pool: Available, 420 s billable while kept" in out
+
     code, _, err = run(*train_args("sc-warm-2", "--resume", "sc-warm", "--checkpoint-s3", first))
     assert code == 2 and "pass --resume JOB or --checkpoint-s3 URI, not both" in err
     wire = Wire()

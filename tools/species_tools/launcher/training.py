@@ -545,6 +545,14 @@ def command_status(args: argparse.Namespace, ctx: Context) -> int:
         ctx.out(f"metric:    {metric['MetricName']} = {metric['Value']:g}")
     if d.get("ModelArtifacts"):
         ctx.out(f"model:     {d['ModelArtifacts']['S3ModelArtifacts']}")
+    pool = d.get("WarmPoolStatus")
+    if pool:
+        billable = pool.get("ResourceRetainedBillableTimeInSeconds")
+        ctx.out(
+            f"warm pool: {pool['Status']}"
+            + (f", {billable} s billable while kept" if billable is not None else "")
+            + (f", reused by {pool['ReusedByName']}" if pool.get("ReusedByName") else "")
+        )
     return 0
 
 
