@@ -1013,6 +1013,48 @@ def test_a_compiling_model_gets_a_longer_startup_window(run, aws):
     assert "--startup-timeout must be between 60 and 3600, got 3601" in err
 
 
+def serverless_args(endpoint: str, *extra) -> list[str]:
+    model_data = f"s3://{BUCKET}/models/v1/model.tar.gz"
+    return ["deploy", "--endpoint", endpoint, "--model-data", model_data, "--serverless", *extra]
+
+
+def test_deploy_serverless_for_rare_traffic(run, aws):
+    code, out, err = run(*serverless_args("sc-serverless", "--memory", "4096"))
+
+    assert code == 0, err
+    config, _, _ = serving(aws, "sc-serverless")
+    [variant] = aws.sagemaker.describe_endpoint_config(EndpointConfigName=config)[
+        "ProductionVariants"
+    ]
+    assert variant["ServerlessConfig"] == {"MemorySizeInMB": 4096, "MaxConcurrency": 5}
+    assert "InstanceType" not in variant
+    assert "serverless, 4096 MB, up to 5 concurrent requests" in out
+
+    wire = Wire()
+    code, _, err = run(*deploy_args("sc-serverless", "v2"), wire=wire)
+    assert code == 2
+    assert "runs serverless and SageMaker cannot update it to run on instances" in err
+    assert not set(wire.operations()) & set(CREATES)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--instance-type", GPU), "a serverless endpoint has no --instance-type"),
+        (("--memory", "3000"), "--memory must be one of 1024, 2048, 3072, 4096, 5120, 6144 MB"),
+        (("--max-concurrency", "201"), "--max-concurrency must be between 1 and 200, got 201"),
+        (("--env", "SPECIES_SERVE_COMPILE=1"), "within 3 minutes, too short to compile"),
+    ],
+)
+def test_serverless_limits_are_checked_before_any_call(run, extra, message):
+    wire = Wire()
+    code, _, err = run(*serverless_args("sc-serverless-limits", *extra), wire=wire)
+    assert code == 2
+    [line] = err.strip().splitlines()
+    assert message in line, line
+    assert wire.operations() == []
+
+
 def test_delete_removes_the_config_and_model_of_an_update_in_flight(run, aws):
     assert run(*deploy_args("sc-in-flight"))[0] == 0
     old_config, old_model, _ = serving(aws, "sc-in-flight")

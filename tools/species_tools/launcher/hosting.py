@@ -45,6 +45,9 @@ COMPILE_ENV = "SPECIES_SERVE_COMPILE"
 COMPILE_STARTUP_S = 1800
 # Beyond the model download and start-up windows, instances take minutes to provision.
 PROVISIONING_S = 30 * 60
+SERVERLESS_MEMORY_MB = (1024, 2048, 3072, 4096, 5120, 6144)
+SERVERLESS_DEFAULT_MB = 6144  # the most: the model and its fold ensemble load on CPU
+SERVERLESS_DEFAULT_CONCURRENCY = 5
 
 
 def add_model_arguments(parser: SettingsParser, creates_what: str) -> None:
@@ -218,6 +221,25 @@ def add_deploy_arguments(deploy: SettingsParser) -> None:
     )
     deploy.add_argument("--instance-count", type=int, default=1, help="default 1")
     deploy.add_argument(
+        "--serverless",
+        action="store_true",
+        help="serverless endpoint (CPU, scales to zero; no --instance-type) for rare traffic",
+    )
+    deploy.add_argument(
+        "--memory",
+        type=int,
+        default=SERVERLESS_DEFAULT_MB,
+        help=f"serverless only: MB per container, 1024-6144 in steps of 1024 "
+        f"(default {SERVERLESS_DEFAULT_MB})",
+    )
+    deploy.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=SERVERLESS_DEFAULT_CONCURRENCY,
+        help=f"serverless only: concurrent requests, 1-200 (default "
+        f"{SERVERLESS_DEFAULT_CONCURRENCY})",
+    )
+    deploy.add_argument(
         "--startup-timeout",
         type=int,
         help=f"seconds for /ping to pass after start (60-3600; default {DEFAULT_STARTUP_S}, "
@@ -253,10 +275,70 @@ def startup_timeout(args: argparse.Namespace, environment: Mapping[str, str]) ->
     return COMPILE_STARTUP_S if compiles(environment) else DEFAULT_STARTUP_S
 
 
+def check_serverless(args: argparse.Namespace, environment: Mapping[str, str]) -> None:
+    """What a serverless endpoint cannot do, refused before anything is created."""
+    if args.instance_type:
+        raise SettingsError("--serverless: a serverless endpoint has no --instance-type")
+    if args.memory not in SERVERLESS_MEMORY_MB:
+        raise SettingsError(
+            f"--memory must be one of {', '.join(map(str, SERVERLESS_MEMORY_MB))} MB, "
+            f"got {args.memory}"
+        )
+    limits.check_range(args.max_concurrency, 1, 200, "--max-concurrency")
+    if compiles(environment):
+        raise SettingsError(
+            f"--serverless with {COMPILE_ENV}: a serverless container must answer /ping within "
+            "3 minutes, too short to compile; leave compiling to instance endpoints"
+        )
+
+
+def production_variant(args: argparse.Namespace, model: str, startup_s: int) -> dict[str, Any]:
+    if args.serverless:
+        return {
+            "VariantName": "AllTraffic",
+            "ModelName": model,
+            "ServerlessConfig": {
+                "MemorySizeInMB": args.memory,
+                "MaxConcurrency": args.max_concurrency,
+            },
+        }
+    return {
+        "VariantName": "AllTraffic",
+        "ModelName": model,
+        "InstanceType": args.instance_type,
+        "InitialInstanceCount": args.instance_count,
+        # The default start-up window (about 4 minutes) is short for a cold GPU model load.
+        "ContainerStartupHealthCheckTimeoutInSeconds": startup_s,
+        "ModelDataDownloadTimeoutInSeconds": args.download_timeout,
+    }
+
+
+def describe_variant(variant: Mapping[str, Any]) -> str:
+    serverless = variant.get("ServerlessConfig")
+    if serverless:
+        return (
+            f"serverless, {serverless['MemorySizeInMB']} MB, "
+            f"up to {serverless['MaxConcurrency']} concurrent requests"
+        )
+    return (
+        f"{variant['InitialInstanceCount']} x {variant['InstanceType']}, start-up window "
+        f"{format_duration(variant['ContainerStartupHealthCheckTimeoutInSeconds'])}"
+    )
+
+
+def is_serverless(description: Mapping[str, Any]) -> bool:
+    return any("CurrentServerlessConfig" in v for v in description.get("ProductionVariants", []))
+
+
 def command_deploy(args: argparse.Namespace, ctx: Context) -> int:
-    require(args, "endpoint", "instance_type")
+    require(args, "endpoint")
     endpoint = check_name(args.endpoint, "endpoint name")
-    startup_s = startup_timeout(args, model_environment(args))
+    environment = model_environment(args)
+    if args.serverless:
+        check_serverless(args, environment)
+    else:
+        require(args, "instance_type")
+    startup_s = startup_timeout(args, environment)
     limits.check_range(startup_s, 60, 3600, "--startup-timeout")
     limits.check_range(args.download_timeout, 60, 3600, "--download-timeout")
     tags = tag_list(args.tags)
@@ -269,29 +351,22 @@ def command_deploy(args: argparse.Namespace, ctx: Context) -> int:
     if existing is not None and existing["EndpointStatus"] == "Failed":
         replace_failed_endpoint(ctx, existing, args.poll_seconds, timeout_s)
         existing = None
+    if existing is not None and is_serverless(existing) != args.serverless:
+        kinds = ("on instances", "serverless")
+        raise SettingsError(
+            f"endpoint {endpoint} runs {kinds[is_serverless(existing)]} and SageMaker cannot "
+            f"update it to run {kinds[args.serverless]}: delete it first "
+            f"({PROG} delete --endpoint {endpoint}) or deploy under another name"
+        )
 
     model = timestamped_name(endpoint)
     config = timestamped_name(f"{endpoint[:40]}-config")
     create_model(args, ctx, model, model_data, tags)
+    variant = production_variant(args, model, startup_s)
     ctx.aws.sagemaker.create_endpoint_config(
-        EndpointConfigName=config,
-        ProductionVariants=[
-            {
-                "VariantName": "AllTraffic",
-                "ModelName": model,
-                "InstanceType": args.instance_type,
-                "InitialInstanceCount": args.instance_count,
-                # The default start-up window (about 4 minutes) is short for a cold GPU model load.
-                "ContainerStartupHealthCheckTimeoutInSeconds": startup_s,
-                "ModelDataDownloadTimeoutInSeconds": args.download_timeout,
-            }
-        ],
-        Tags=tags,
+        EndpointConfigName=config, ProductionVariants=[variant], Tags=tags
     )
-    ctx.out(
-        f"endpoint config {config} created: {args.instance_count} x {args.instance_type}, "
-        f"start-up window {format_duration(startup_s)}"
-    )
+    ctx.out(f"endpoint config {config} created: {describe_variant(variant)}")
     if existing is not None:
         previous = existing["EndpointConfigName"]
         ctx.aws.sagemaker.update_endpoint(EndpointName=endpoint, EndpointConfigName=config)
