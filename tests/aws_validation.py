@@ -31,9 +31,13 @@ class InvalidRequest(Exception):
 
 @functools.cache
 def java_pattern(pattern: str) -> regex.Pattern:
-    # The models' patterns are Java regexes matched against the whole value; `\z` is Java's
-    # end of input, which Python spells `\Z`.
-    return regex.compile(pattern.replace(r"\z", r"\Z"))
+    # The models' patterns are Java regexes matched against the whole value. Java spells the
+    # end of input `\z` (Python: `\Z`) and writes characters beyond U+FFFF as UTF-16
+    # surrogate pairs, so its range of all of them is `\uD800\uDC00-\uDBFF\uDFFF`.
+    python = pattern.replace(r"\z", r"\Z").replace(
+        r"\uD800\uDC00-\uDBFF\uDFFF", r"\U00010000-\U0010FFFF"
+    )
+    return regex.compile(python)
 
 
 def shape_faults(shape: Shape, value: Any, path: str) -> list[str]:

@@ -17,7 +17,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from species_tools.aws import SettingsError, is_not_found, split_s3_uri
-from species_tools.launcher import limits
+from species_tools.launcher import limits, scaling
 from species_tools.launcher.session import Context, poll_until
 from species_tools.launcher.settings import (
     PROG,
@@ -221,6 +221,21 @@ def add_deploy_arguments(deploy: SettingsParser) -> None:
     )
     deploy.add_argument("--instance-count", type=int, default=1, help="default 1")
     deploy.add_argument(
+        "--max-instances",
+        type=int,
+        help="autoscale between --min-instances and this many instances on invocations per "
+        "instance (needs --max-rps)",
+    )
+    deploy.add_argument(
+        "--min-instances", type=int, help="autoscaling floor (default: --instance-count)"
+    )
+    deploy.add_argument(
+        "--max-rps",
+        type=float,
+        help="peak requests/s one instance sustains (scripts/bench_serving.py on that instance "
+        "type); the scaling target is this x 0.5 x 60 per minute",
+    )
+    deploy.add_argument(
         "--serverless",
         action="store_true",
         help="serverless endpoint (CPU, scales to zero; no --instance-type) for rare traffic",
@@ -330,6 +345,37 @@ def is_serverless(description: Mapping[str, Any]) -> bool:
     return any("CurrentServerlessConfig" in v for v in description.get("ProductionVariants", []))
 
 
+def check_autoscaling(args: argparse.Namespace) -> None:
+    if args.max_instances is None:
+        if args.min_instances is not None or args.max_rps is not None:
+            raise SettingsError("--min-instances and --max-rps need --max-instances")
+        return
+    if args.serverless:
+        raise SettingsError("--max-instances: a serverless endpoint scales by itself")
+    if not args.wait:
+        raise SettingsError(
+            "--max-instances needs the endpoint InService before it can be registered: "
+            "leave out --no-wait"
+        )
+    if args.max_rps is None or args.max_rps <= 0:
+        raise SettingsError(
+            "--max-instances needs --max-rps: the peak requests/s one instance sustains "
+            "(run scripts/bench_serving.py against that instance type)"
+        )
+    floor = args.instance_count if args.min_instances is None else args.min_instances
+    if not 1 <= floor <= args.max_instances:
+        raise SettingsError(
+            f"autoscaling needs 1 <= --min-instances ({floor}) <= --max-instances "
+            f"({args.max_instances})"
+        )
+    args.min_instances = floor
+
+
+def instance_type_of(ctx: Context, config: str) -> str | None:
+    variants = ctx.aws.sagemaker.describe_endpoint_config(EndpointConfigName=config)
+    return variants["ProductionVariants"][0].get("InstanceType")
+
+
 def command_deploy(args: argparse.Namespace, ctx: Context) -> int:
     require(args, "endpoint")
     endpoint = check_name(args.endpoint, "endpoint name")
@@ -338,6 +384,7 @@ def command_deploy(args: argparse.Namespace, ctx: Context) -> int:
         check_serverless(args, environment)
     else:
         require(args, "instance_type")
+    check_autoscaling(args)
     startup_s = startup_timeout(args, environment)
     limits.check_range(startup_s, 60, 3600, "--startup-timeout")
     limits.check_range(args.download_timeout, 60, 3600, "--download-timeout")
@@ -369,6 +416,10 @@ def command_deploy(args: argparse.Namespace, ctx: Context) -> int:
     ctx.out(f"endpoint config {config} created: {describe_variant(variant)}")
     if existing is not None:
         previous = existing["EndpointConfigName"]
+        if not args.serverless and instance_type_of(ctx, previous) != args.instance_type:
+            scaling.deregister(
+                ctx, endpoint, "SageMaker refuses to change a scaled variant's instance type"
+            )
         ctx.aws.sagemaker.update_endpoint(EndpointName=endpoint, EndpointConfigName=config)
         ctx.out(
             f"endpoint {endpoint} updating in place from {existing['EndpointStatus']} "
@@ -395,6 +446,8 @@ def command_deploy(args: argparse.Namespace, ctx: Context) -> int:
             f"{description.get('FailureReason', 'no reason given')}"
         )
     ctx.out(f"endpoint {endpoint} is InService. Try: {PROG} invoke --endpoint {endpoint} PHOTO.jpg")
+    if args.max_instances is not None:
+        scaling.register(ctx, endpoint, args.min_instances, args.max_instances, args.max_rps)
     return 0
 
 
@@ -446,6 +499,7 @@ def command_delete(args: argparse.Namespace, ctx: Context) -> int:
         if pending and pending not in endpoint_configs:
             endpoint_configs.append(pending)
         endpoint_models = [model for config in endpoint_configs for model in models_of(ctx, config)]
+        scaling.deregister(ctx, args.endpoint, "its endpoint is being deleted")
         sm.delete_endpoint(EndpointName=args.endpoint)
         ctx.out(f"endpoint {args.endpoint} deleted (billing stops as its instances shut down)")
         configs[:0] = endpoint_configs
