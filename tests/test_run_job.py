@@ -1045,6 +1045,7 @@ def test_deploy_serverless_for_rare_traffic(run, aws):
         (("--max-concurrency", "201"), "--max-concurrency must be between 1 and 200, got 201"),
         (("--env", "SPECIES_SERVE_COMPILE=1"), "within 3 minutes, too short to compile"),
         (("--max-instances", "3", "--max-rps", "5"), "a serverless endpoint scales by itself"),
+        (("--async", f"s3://{BUCKET}/out/"), "SageMaker runs asynchronous endpoints on instances"),
     ],
 )
 def test_serverless_limits_are_checked_before_any_call(run, extra, message):
@@ -1327,6 +1328,58 @@ def test_invoke_retries_throttling_but_never_a_read_timeout(run, tmp_path):
     ]
 
 
+def test_an_async_endpoint_queues_photos_and_prints_the_answers_from_s3(run, aws, tmp_path):
+    name = "sc-async"
+    output = f"s3://{BUCKET}/species-classifier/async-out/"
+    code, out, err = run(*deploy_args(name, "v1", "--async", output))
+    assert code == 0, err
+    config, _, _ = serving(aws, name)
+    described = aws.sagemaker.describe_endpoint_config(EndpointConfigName=config)
+    assert described["AsyncInferenceConfig"]["OutputConfig"] == {
+        "S3OutputPath": output,
+        "S3FailurePath": output + "failures/",
+    }
+    assert f"asynchronous, answers under {output}" in out
+    # What the endpoint will answer, in order (moto writes each to S3 as SageMaker would).
+    results = [{"data": json.dumps(PREDICTION)}, {"is_failure": True, "data": "CUDA error: OOM"}]
+    queued = requests.post(
+        f"{aws.endpoint}/moto-api/static/sagemaker/async-endpoint-results",
+        json={"results": results},
+        timeout=10,
+    )
+    assert queued.status_code == 201
+    photos = [tmp_path / "a.jpg", tmp_path / "b.jpg"]
+    for photo in photos:
+        Image.new("RGB", (64, 64)).save(photo)
+    wire = Wire()
+
+    code, out, err = run("invoke", "--endpoint", name, *photos, wire=wire)
+
+    assert code == 1  # b.jpg failed
+    assert out.splitlines() == [f"{photos[0]}: Acer rubrum (confidence 0.900); next: other 0.100"]
+    assert err.strip().splitlines() == [f"{photos[1]}: the endpoint failed on it: CUDA error: OOM"]
+    assert wire.operations().count("InvokeEndpointAsync") == 2
+    assert "InvokeEndpoint" not in wire.operations()
+    inputs = keys_under(aws.s3, "species-classifier/async-out/inputs/")
+    assert len(inputs) == 2 and all(key.endswith(".jpg") for key in inputs)
+
+    def never_answered(params, **_):
+        nowhere = f"s3://{BUCKET}/species-classifier/async-out/never"
+        answer = {"OutputLocation": nowhere + ".out", "FailureLocation": nowhere + ".failure"}
+        return AWSResponse("", 202, {}, None), answer
+
+    code, out, err = run(
+        "invoke", "--endpoint", name, photos[0], "--wait-timeout", "5m",
+        wire=Wire(answers={"sagemaker-runtime.InvokeEndpointAsync": never_answered}),
+    )  # fmt: skip
+    assert code == 1
+    assert err.strip().splitlines() == [
+        f"error: gave up after 5m waiting for the answer for {photos[0]} at "
+        f"s3://{BUCKET}/species-classifier/async-out/never.out "
+        "(it carries on in AWS; --wait-timeout sets how long to wait)"
+    ]
+
+
 def test_transform_creates_a_model_and_a_job_over_a_prefix_of_photos(run, aws):
     for name in ("a.jpg", "b.png"):
         aws.s3.put_object(Bucket=BUCKET, Key=f"batch/photos/{name}", Body=b"photo")
@@ -1459,7 +1512,7 @@ LAUNCHER_ACTIONS = {
     "sagemaker:UpdateEndpoint", "sagemaker:DeleteEndpoint", "sagemaker:InvokeEndpoint",
     "sagemaker:CreateTransformJob", "sagemaker:DescribeTransformJob", "s3:ListBucket",
     "s3:GetObject", "s3:PutObject", "logs:DescribeLogStreams", "logs:GetLogEvents",
-    "iam:PassRole", "application-autoscaling:RegisterScalableTarget",
+    "iam:PassRole", "sagemaker:InvokeEndpointAsync", "application-autoscaling:RegisterScalableTarget",
     "application-autoscaling:DeregisterScalableTarget",
     "application-autoscaling:DescribeScalableTargets", "application-autoscaling:PutScalingPolicy",
     "application-autoscaling:DescribeScalingPolicies",

@@ -25,8 +25,10 @@ from species_tools.launcher.settings import (
     JobFailed,
     SettingsParser,
     add_pairs,
+    as_prefix,
     check_name,
     format_duration,
+    join_s3,
     parse_duration,
     require,
     tag_list,
@@ -236,6 +238,13 @@ def add_deploy_arguments(deploy: SettingsParser) -> None:
         "type); the scaling target is this x 0.5 x 60 per minute",
     )
     deploy.add_argument(
+        "--async",
+        dest="async_output",
+        metavar="S3_URI",
+        help="asynchronous endpoint: requests queue, answers land under this S3 prefix "
+        "(for bursts; invoke waits for them)",
+    )
+    deploy.add_argument(
         "--serverless",
         action="store_true",
         help="serverless endpoint (CPU, scales to zero; no --instance-type) for rare traffic",
@@ -300,11 +309,22 @@ def check_serverless(args: argparse.Namespace, environment: Mapping[str, str]) -
             f"got {args.memory}"
         )
     limits.check_range(args.max_concurrency, 1, 200, "--max-concurrency")
+    if args.async_output:
+        raise SettingsError(
+            "--serverless and --async: SageMaker runs asynchronous endpoints on instances"
+        )
     if compiles(environment):
         raise SettingsError(
             f"--serverless with {COMPILE_ENV}: a serverless container must answer /ping within "
             "3 minutes, too short to compile; leave compiling to instance endpoints"
         )
+
+
+def async_config(output: str) -> dict[str, Any]:
+    """Where an asynchronous endpoint writes its answers, and its failures beside them."""
+    return {
+        "OutputConfig": {"S3OutputPath": output, "S3FailurePath": join_s3(output, "failures") + "/"}
+    }
 
 
 def production_variant(args: argparse.Namespace, model: str, startup_s: int) -> dict[str, Any]:
@@ -385,6 +405,9 @@ def command_deploy(args: argparse.Namespace, ctx: Context) -> int:
     else:
         require(args, "instance_type")
     check_autoscaling(args)
+    if args.async_output:
+        args.async_output = as_prefix(args.async_output)
+        split_s3_uri(args.async_output)
     startup_s = startup_timeout(args, environment)
     limits.check_range(startup_s, 60, 3600, "--startup-timeout")
     limits.check_range(args.download_timeout, 60, 3600, "--download-timeout")
@@ -410,10 +433,12 @@ def command_deploy(args: argparse.Namespace, ctx: Context) -> int:
     config = timestamped_name(f"{endpoint[:40]}-config")
     create_model(args, ctx, model, model_data, tags)
     variant = production_variant(args, model, startup_s)
+    extra = {"AsyncInferenceConfig": async_config(args.async_output)} if args.async_output else {}
     ctx.aws.sagemaker.create_endpoint_config(
-        EndpointConfigName=config, ProductionVariants=[variant], Tags=tags
+        EndpointConfigName=config, ProductionVariants=[variant], Tags=tags, **extra
     )
-    ctx.out(f"endpoint config {config} created: {describe_variant(variant)}")
+    answers = f"; asynchronous, answers under {args.async_output}" if args.async_output else ""
+    ctx.out(f"endpoint config {config} created: {describe_variant(variant)}{answers}")
     if existing is not None:
         previous = existing["EndpointConfigName"]
         if not args.serverless and instance_type_of(ctx, previous) != args.instance_type:

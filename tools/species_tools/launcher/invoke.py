@@ -5,6 +5,10 @@ photo over the limit or longer than 2,048 px on its long side is re-encoded (EXI
 applied, JPEG quality 95) before it is sent, and the tool says so. Throttling and connection
 errors are retried; a read time-out is not (the endpoint got the photo and is stuck on it:
 retrying would only wait another 70 s, up to ten times).
+
+On an asynchronous endpoint each photo is uploaded beside the endpoint's answers (under
+`inputs/`), queued with InvokeEndpointAsync, and its answer read from S3 once it lands,
+printed like a real-time one.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,9 +25,15 @@ from botocore.exceptions import BotoCoreError, ClientError, ReadTimeoutError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from species_tools.aws import SettingsError, aws_message, error_code
-from species_tools.launcher.session import Context
-from species_tools.launcher.settings import Command, SettingsParser, require
+from species_tools.aws import SettingsError, aws_message, error_code, is_not_found, split_s3_uri
+from species_tools.launcher.session import Context, poll_until
+from species_tools.launcher.settings import (
+    Command,
+    SettingsParser,
+    add_wait_timeout,
+    join_s3,
+    require,
+)
 
 # InvokeEndpoint's request limit (botocore BodyBlob); the serving container's default is the same.
 MAX_INVOKE_BYTES = 6_291_456
@@ -125,6 +136,62 @@ def invoke_with_retries(ctx: Context, endpoint: str, body: bytes, content_type: 
         attempt += 1
 
 
+def async_output(ctx: Context, endpoint: str) -> str | None:
+    """Where an asynchronous endpoint writes its answers; None for a real-time endpoint."""
+    try:
+        config = ctx.aws.sagemaker.describe_endpoint(EndpointName=endpoint)["EndpointConfigName"]
+    except ClientError as error:
+        if is_not_found(error):
+            return None  # InvokeEndpoint says so, in AWS's words
+        raise
+    described = ctx.aws.sagemaker.describe_endpoint_config(EndpointConfigName=config)
+    return (described.get("AsyncInferenceConfig") or {}).get("OutputConfig", {}).get("S3OutputPath")
+
+
+def read_if_there(ctx: Context, uri: str) -> bytes | None:
+    bucket, key = split_s3_uri(uri)
+    try:
+        return ctx.aws.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError as error:
+        if is_not_found(error):
+            return None
+        raise
+
+
+def invoke_async(
+    ctx: Context, args: argparse.Namespace, output: str, photo: Path, body: bytes, content_type: str
+) -> bytes:
+    """Queue one photo on an asynchronous endpoint and wait for its answer in S3."""
+    bucket, key = split_s3_uri(join_s3(output, "inputs", f"{uuid.uuid4().hex}{photo.suffix}"))
+    ctx.aws.s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type)
+    queued = ctx.aws.runtime.invoke_endpoint_async(
+        EndpointName=args.endpoint,
+        InputLocation=f"s3://{bucket}/{key}",
+        ContentType=content_type,
+        Accept="application/json",
+    )
+    failure_uri = queued.get("FailureLocation")
+
+    def outcome() -> tuple[str, bytes] | None:
+        answer = read_if_there(ctx, queued["OutputLocation"])
+        if answer is not None:
+            return "answer", answer
+        failure = read_if_there(ctx, failure_uri) if failure_uri else None
+        return ("failure", failure) if failure is not None else None
+
+    kind, data = poll_until(
+        outcome,
+        lambda result: result is not None,
+        what=f"the answer for {photo} at {queued['OutputLocation']}",
+        timeout_s=args.wait_timeout,
+        poll_seconds=args.poll_seconds,
+        ctx=ctx,
+    )
+    if kind == "failure":
+        raise PhotoError(f"the endpoint failed on it: {data.decode('utf-8', 'replace')[:500]}")
+    return data
+
+
 def parse_answer(body: bytes) -> Any:
     """The endpoint's JSON, or its text when it is not JSON."""
     try:
@@ -159,15 +226,21 @@ def add_invoke_arguments(invoke: SettingsParser) -> None:
     invoke.add_argument("photos", nargs="+", metavar="PHOTO_OR_FOLDER")
     invoke.add_argument("--endpoint", help="endpoint name")
     invoke.add_argument("--json", action="store_true", help="print each answer as one JSON line")
+    add_wait_timeout(invoke, "20m", "each answer of an asynchronous endpoint")
 
 
 def command_invoke(args: argparse.Namespace, ctx: Context) -> int:
     require(args, "endpoint")
+    photos = collect_photos(args.photos)
+    output = async_output(ctx, args.endpoint)
     failures = 0
-    for photo in collect_photos(args.photos):
+    for photo in photos:
         try:
             body, content_type = prepared_photo(photo, ctx)
-            answer = invoke_with_retries(ctx, args.endpoint, body, content_type)
+            if output:
+                answer = invoke_async(ctx, args, output, photo, body, content_type)
+            else:
+                answer = invoke_with_retries(ctx, args.endpoint, body, content_type)
         except PhotoError as error:
             ctx.err(f"{photo}: {error}")
             failures += 1
