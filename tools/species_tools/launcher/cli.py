@@ -17,7 +17,7 @@ import boto3
 from botocore.exceptions import BotoCoreError, ClientError
 
 from species_tools.aws import SettingsError, aws_message
-from species_tools.launcher import hosting, invoke, training, transform
+from species_tools.launcher import hosting, invoke, training, transform, tuning
 from species_tools.launcher.session import Aws, Context, print_error
 from species_tools.launcher.settings import (
     CONFIG_ENV,
@@ -38,6 +38,7 @@ COMMANDS: dict[str, Command] = {
     command.name: command
     for command in (
         *training.COMMANDS,
+        *tuning.COMMANDS,
         *hosting.COMMANDS,
         *invoke.COMMANDS,
         *transform.COMMANDS,

@@ -54,6 +54,7 @@ SERVERLESS_DEFAULT_CONCURRENCY = 5
 
 def add_model_arguments(parser: SettingsParser, creates_what: str) -> None:
     parser.add_argument("--training-job", help=f"serve this Completed job's model ({creates_what})")
+    parser.add_argument("--tuning-job", help="serve the best trial of this tuning job")
     parser.add_argument("--model-data", metavar="S3_URI", help="serve this model.tar.gz")
     parser.add_argument(
         "--image", help="serving image (default: the training job's image; env SPECIES_IMAGE)"
@@ -70,8 +71,20 @@ def add_model_arguments(parser: SettingsParser, creates_what: str) -> None:
 
 def model_source(args: argparse.Namespace, ctx: Context) -> str:
     """The model.tar.gz to serve; with --training-job, that job's (which must be Completed)."""
-    if args.training_job and args.model_data:
-        raise SettingsError("pass --training-job or --model-data, not both")
+    if sum(bool(source) for source in (args.training_job, args.tuning_job, args.model_data)) > 1:
+        raise SettingsError("pass one of --training-job, --tuning-job and --model-data")
+    if args.tuning_job:
+        tuning = ctx.aws.sagemaker.describe_hyper_parameter_tuning_job(
+            HyperParameterTuningJobName=args.tuning_job
+        )
+        best = tuning.get("BestTrainingJob")
+        if not best:
+            raise SettingsError(
+                f"tuning job {args.tuning_job} is {tuning['HyperParameterTuningJobStatus']} "
+                "and has no best trial yet"
+            )
+        args.training_job = best["TrainingJobName"]
+        ctx.out(f"best trial of tuning job {args.tuning_job}: {args.training_job}")
     if args.training_job:
         d = ctx.aws.sagemaker.describe_training_job(TrainingJobName=args.training_job)
         if d["TrainingJobStatus"] != "Completed":
@@ -86,7 +99,9 @@ def model_source(args: argparse.Namespace, ctx: Context) -> str:
     if args.model_data:
         split_s3_uri(args.model_data)
         return args.model_data
-    raise SettingsError("missing model: pass --training-job NAME or --model-data S3_URI")
+    raise SettingsError(
+        "missing model: pass --training-job NAME, --tuning-job NAME or --model-data S3_URI"
+    )
 
 
 def model_environment(args: argparse.Namespace) -> dict[str, str]:

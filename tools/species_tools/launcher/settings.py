@@ -51,8 +51,9 @@ SETTING_FLAG = {
     "endpoint": "--endpoint NAME",
     "input": "--input S3_URI",
 }
-# Config tables whose entries become KEY=VALUE pairs (hyperparameters, container environment, tags).
-PAIR_SETTINGS = ("hyperparameters", "env", "tags")
+# Config tables whose entries become KEY=VALUE pairs (hyperparameters, container environment,
+# tags, tuning ranges).
+PAIR_SETTINGS = ("hyperparameters", "env", "tags", "ranges")
 NAME_PATTERN = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
 
 

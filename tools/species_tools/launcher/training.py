@@ -63,7 +63,8 @@ TRAINING_ENVIRONMENT_LENGTH = 512
 # ---------------------------------------------------------------- train
 
 
-def add_train_arguments(train: SettingsParser) -> None:
+def add_job_arguments(train: SettingsParser) -> None:
+    """What defines a training job: shared by `train` and `tune` (whose trials are such jobs)."""
     train.add_argument("--image", help="ECR image URI (env SPECIES_IMAGE)")
     train.add_argument("--role", help="SageMaker execution role ARN (env SPECIES_ROLE_ARN)")
     train.add_argument(
@@ -113,11 +114,6 @@ def add_train_arguments(train: SettingsParser) -> None:
         help="spot only: run time plus waiting for capacity (default 2 x max runtime)",
     )
     train.add_argument(
-        "--checkpoint-s3",
-        metavar="S3_URI",
-        help="checkpoint prefix (default OUTPUT/JOB/checkpoints/)",
-    )
-    train.add_argument(
         "--input-mode",
         choices=["File", "FastFile"],
         default="File",
@@ -130,23 +126,11 @@ def add_train_arguments(train: SettingsParser) -> None:
         help="no network in the container",
     )
     train.add_argument(
-        "--keep-alive",
-        type=parse_duration,
-        help="warm pool: keep the instances this long after the job (e.g. 30m, at most 6h; not "
-        "with --spot) so the next matching job starts in seconds; billed while kept",
-    )
-    train.add_argument(
         "--retries",
         type=int,
         help="retry the job up to N times (1-30) when SageMaker fails it with an internal error; "
         "each attempt resumes from the same checkpoints",
     )
-    train.add_argument(
-        "--resume",
-        metavar="JOB",
-        help="start from JOB's checkpoints (a stopped, failed or interrupted job of this command)",
-    )
-    train.add_argument("--job-name", help="default species-classifier-YYYYMMDD-HHMMSS-mmm")
     add_pairs(
         train,
         "--hyperparameter",
@@ -155,6 +139,27 @@ def add_train_arguments(train: SettingsParser) -> None:
     )
     add_pairs(train, "--env", "env", "repeatable container environment variable")
     add_pairs(train, "--tag", "tags", "repeatable tag (project=species-classifier is always added)")
+
+
+def add_train_arguments(train: SettingsParser) -> None:
+    add_job_arguments(train)
+    train.add_argument(
+        "--checkpoint-s3",
+        metavar="S3_URI",
+        help="checkpoint prefix (default OUTPUT/JOB/checkpoints/)",
+    )
+    train.add_argument(
+        "--keep-alive",
+        type=parse_duration,
+        help="warm pool: keep the instances this long after the job (e.g. 30m, at most 6h; not "
+        "with --spot) so the next matching job starts in seconds; billed while kept",
+    )
+    train.add_argument(
+        "--resume",
+        metavar="JOB",
+        help="start from JOB's checkpoints (a stopped, failed or interrupted job of this command)",
+    )
+    train.add_argument("--job-name", help="default species-classifier-YYYYMMDD-HHMMSS-mmm")
     train.add_argument(
         "--wait",
         action=argparse.BooleanOptionalAction,
@@ -183,22 +188,30 @@ def stopping_condition(args: argparse.Namespace) -> dict[str, int]:
     return stopping
 
 
-def training_job_request(args: argparse.Namespace, job: str, data_uri: str, output: str) -> dict:
-    """The CreateTrainingJob request, every documented limit checked."""
+def checked_hyperparameters(args: argparse.Namespace) -> dict[str, str]:
     hyperparameters = {key: str(value) for key, value in args.hyperparameters or []}
     if not hyperparameters.get("target_species"):
         raise SettingsError(
             "missing hyperparameter target_species: pass "
             "--hyperparameter target_species=SPECIES,SPECIES or put it under "
-            f"[train.hyperparameters] in {DEFAULT_CONFIG}"
+            f"[{args.command}.hyperparameters] in {DEFAULT_CONFIG}"
         )
     limits.check_hyperparameters(hyperparameters)
+    return hyperparameters
+
+
+def checked_tags(args: argparse.Namespace) -> list[dict[str, str]]:
+    tags = tag_list(args.tags)
+    limits.check_tags(tags)
+    return tags
+
+
+def job_definition(args: argparse.Namespace, data_uri: str, output: str) -> dict[str, Any]:
+    """What a training job and a tuning trial share: image, data, resources, stopping..."""
     environment = dict(args.env or [])
     limits.check_environment(
         environment, "a training job", TRAINING_ENVIRONMENT_ENTRIES, TRAINING_ENVIRONMENT_LENGTH
     )
-    tags = tag_list(args.tags)
-    limits.check_tags(tags)
     channel: dict[str, Any] = {
         "ChannelName": TRAINING_CHANNEL,
         "DataSource": {
@@ -212,16 +225,13 @@ def training_job_request(args: argparse.Namespace, job: str, data_uri: str, outp
     }
     if args.input_mode != "File":
         channel["InputMode"] = args.input_mode
-    request: dict[str, Any] = {
-        "TrainingJobName": job,
+    definition: dict[str, Any] = {
         "RoleArn": args.role,
         "AlgorithmSpecification": {
             "TrainingImage": args.image,
             "TrainingInputMode": "File",
             "MetricDefinitions": METRIC_DEFINITIONS,
-            "EnableSageMakerMetricsTimeSeries": True,
         },
-        "HyperParameters": hyperparameters,
         "InputDataConfig": [channel],
         "OutputDataConfig": {"S3OutputPath": output},
         "ResourceConfig": {
@@ -231,24 +241,37 @@ def training_job_request(args: argparse.Namespace, job: str, data_uri: str, outp
         },
         "StoppingCondition": stopping_condition(args),
         "EnableManagedSpotTraining": bool(args.spot),
+        "EnableNetworkIsolation": bool(args.network_isolation),
+    }
+    if environment:
+        definition["Environment"] = environment
+    if args.retries is not None:
+        limits.check_range(args.retries, 1, MAX_RETRIES, "--retries")
+        definition["RetryStrategy"] = {"MaximumRetryAttempts": args.retries}
+    return definition
+
+
+def training_job_request(args: argparse.Namespace, job: str, data_uri: str, output: str) -> dict:
+    """The CreateTrainingJob request, every documented limit checked."""
+    hyperparameters = checked_hyperparameters(args)
+    tags = checked_tags(args)
+    request: dict[str, Any] = {
+        "TrainingJobName": job,
+        **job_definition(args, data_uri, output),
+        "HyperParameters": hyperparameters,
         # Always checkpoint: a spot restart resumes, and so does a retry of an on-demand job.
         "CheckpointConfig": {
             "S3Uri": args.checkpoint_s3 or join_s3(output, job, "checkpoints") + "/",
             "LocalPath": CHECKPOINT_LOCAL_PATH,
         },
-        "EnableNetworkIsolation": bool(args.network_isolation),
         "Tags": tags,
     }
-    if environment:
-        request["Environment"] = environment
+    request["AlgorithmSpecification"]["EnableSageMakerMetricsTimeSeries"] = True
     if args.keep_alive:
         limits.check_range(args.keep_alive, 1, MAX_KEEP_ALIVE_S, "--keep-alive (seconds)")
         if args.spot:
             raise SettingsError("--keep-alive: SageMaker keeps no warm pool for spot instances")
         request["ResourceConfig"]["KeepAlivePeriodInSeconds"] = args.keep_alive
-    if args.retries is not None:
-        limits.check_range(args.retries, 1, MAX_RETRIES, "--retries")
-        request["RetryStrategy"] = {"MaximumRetryAttempts": args.retries}
     return request
 
 
