@@ -1457,6 +1457,26 @@ def test_invoke_reencodes_a_photo_over_the_limit_or_too_large(run, tmp_path):
     assert len(notes) == 2
 
 
+def test_invoke_keeps_photos_under_a_serverless_endpoints_4_mb(run, aws, tmp_path):
+    assert run(*serverless_args("sc-serverless-photos"))[0] == 0
+    photo = tmp_path / "noisy.png"  # between 4 MB and 6 MiB: fine for instances, not serverless
+    Image.frombytes("RGB", (1200, 1200), os.urandom(1200 * 1200 * 3)).save(photo)
+    assert 4_000_000 < photo.stat().st_size <= 6_291_456
+    sent = []
+
+    def answer(request, **_):
+        sent.append(request.body)
+        return answer_json(200, PREDICTION)
+
+    code, out, err = run("invoke", "--endpoint", "sc-serverless-photos", photo,
+                         wire=Wire(sends={"sagemaker-runtime.InvokeEndpoint": answer}))  # fmt: skip
+
+    assert code == 0, err
+    [body] = sent
+    assert len(body) <= 4_000_000 and Image.open(io.BytesIO(body)).format == "JPEG"
+    assert f"{photo}: re-encoded 1200x1200" in err
+
+
 def test_invoke_retries_throttling_but_never_a_read_timeout(run, tmp_path):
     for name in ("a.jpg", "b.jpg"):
         Image.new("RGB", (64, 64)).save(tmp_path / name)

@@ -1,10 +1,10 @@
 """`invoke`: photos (files or folders) to an endpoint, one request each, predictions printed.
 
-A phone photo is often over InvokeEndpoint's 6 MiB limit, and the model looks at 240 px: a
-photo over the limit or longer than 2,048 px on its long side is re-encoded (EXIF orientation
-applied, JPEG quality 95) before it is sent, and the tool says so. Throttling and connection
-errors are retried; a read time-out is not (the endpoint got the photo and is stuck on it:
-retrying would only wait another 70 s, up to ten times).
+A phone photo is often over InvokeEndpoint's 6 MiB limit (4 MB on a serverless endpoint), and
+the model looks at 240 px: a photo over the limit or longer than 2,048 px on its long side is
+re-encoded (EXIF orientation applied, JPEG quality 95) before it is sent, and the tool says so.
+Throttling and connection errors are retried; a read time-out is not (the endpoint got the
+photo and is stuck on it: retrying would only wait another 70 s, up to ten times).
 
 On an asynchronous endpoint each photo is uploaded beside the endpoint's answers (under
 `inputs/`), queued with InvokeEndpointAsync, and its answer read from S3 once it lands,
@@ -37,6 +37,8 @@ from species_tools.launcher.settings import (
 
 # InvokeEndpoint's request limit (botocore BodyBlob); the serving container's default is the same.
 MAX_INVOKE_BYTES = 6_291_456
+# A serverless endpoint takes requests of up to 4 MB (SageMaker's serverless guide).
+MAX_SERVERLESS_BYTES = 4_000_000
 MAX_SIDE_PX = 2048
 JPEG_QUALITY = 95
 PHOTO_CONTENT_TYPES = {
@@ -77,28 +79,30 @@ class PhotoError(Exception):
     """This photo cannot be sent; the message says why."""
 
 
-def prepared_photo(photo: Path, ctx: Context) -> tuple[bytes, str]:
+def prepared_photo(
+    photo: Path, ctx: Context, max_bytes: int = MAX_INVOKE_BYTES
+) -> tuple[bytes, str]:
     """The bytes to send and their content type: the file itself, or a smaller JPEG of it."""
     body = photo.read_bytes()
     content_type = PHOTO_CONTENT_TYPES.get(photo.suffix.lower(), "application/x-image")
     try:
         with Image.open(io.BytesIO(body)) as image:
             size = image.size
-            if len(body) <= MAX_INVOKE_BYTES and max(size) <= MAX_SIDE_PX:
+            if len(body) <= max_bytes and max(size) <= MAX_SIDE_PX:
                 return body, content_type
             upright = ImageOps.exif_transpose(image).convert("RGB")
     except (UnidentifiedImageError, OSError) as error:
-        if len(body) <= MAX_INVOKE_BYTES:
+        if len(body) <= max_bytes:
             return body, content_type  # the endpoint says what it thinks of it
         raise PhotoError(
-            f"{len(body)} bytes is over InvokeEndpoint's {MAX_INVOKE_BYTES}-byte limit and it "
+            f"{len(body)} bytes is over the endpoint's {max_bytes}-byte limit and it "
             f"cannot be re-encoded ({error}); use transform"
         ) from None
     upright.thumbnail((MAX_SIDE_PX, MAX_SIDE_PX), Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
     upright.save(buffer, "JPEG", quality=JPEG_QUALITY)
     smaller = buffer.getvalue()
-    if len(smaller) > MAX_INVOKE_BYTES:
+    if len(smaller) > max_bytes:
         raise PhotoError(f"still {len(smaller)} bytes after re-encoding; use transform")
     ctx.err(
         f"{photo}: re-encoded {size[0]}x{size[1]} ({len(body)} bytes) to "
@@ -136,16 +140,20 @@ def invoke_with_retries(ctx: Context, endpoint: str, body: bytes, content_type: 
         attempt += 1
 
 
-def async_output(ctx: Context, endpoint: str) -> str | None:
-    """Where an asynchronous endpoint writes its answers; None for a real-time endpoint."""
+def endpoint_kind(ctx: Context, endpoint: str) -> tuple[str | None, int]:
+    """(where an asynchronous endpoint writes its answers or None, the request size limit)."""
     try:
         config = ctx.aws.sagemaker.describe_endpoint(EndpointName=endpoint)["EndpointConfigName"]
     except ClientError as error:
         if is_not_found(error):
-            return None  # InvokeEndpoint says so, in AWS's words
+            return None, MAX_INVOKE_BYTES  # InvokeEndpoint says so, in AWS's words
         raise
     described = ctx.aws.sagemaker.describe_endpoint_config(EndpointConfigName=config)
-    return (described.get("AsyncInferenceConfig") or {}).get("OutputConfig", {}).get("S3OutputPath")
+    output = (
+        (described.get("AsyncInferenceConfig") or {}).get("OutputConfig", {}).get("S3OutputPath")
+    )
+    serverless = any("ServerlessConfig" in v for v in described["ProductionVariants"])
+    return output, MAX_SERVERLESS_BYTES if serverless else MAX_INVOKE_BYTES
 
 
 def read_if_there(ctx: Context, uri: str) -> bytes | None:
@@ -232,11 +240,11 @@ def add_invoke_arguments(invoke: SettingsParser) -> None:
 def command_invoke(args: argparse.Namespace, ctx: Context) -> int:
     require(args, "endpoint")
     photos = collect_photos(args.photos)
-    output = async_output(ctx, args.endpoint)
+    output, max_bytes = endpoint_kind(ctx, args.endpoint)
     failures = 0
     for photo in photos:
         try:
-            body, content_type = prepared_photo(photo, ctx)
+            body, content_type = prepared_photo(photo, ctx, max_bytes)
             if output:
                 answer = invoke_async(ctx, args, output, photo, body, content_type)
             else:

@@ -106,7 +106,7 @@ def add_job_arguments(train: SettingsParser) -> None:
         "--spot",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="managed spot training (resumes from checkpoints)",
+        help="managed spot training (a train job resumes from its checkpoints)",
     )
     train.add_argument(
         "--max-wait",
@@ -129,7 +129,7 @@ def add_job_arguments(train: SettingsParser) -> None:
         "--retries",
         type=int,
         help="retry the job up to N times (1-30) when SageMaker fails it with an internal error; "
-        "each attempt resumes from the same checkpoints",
+        "each attempt of a train job resumes from the same checkpoints",
     )
     add_pairs(
         train,
