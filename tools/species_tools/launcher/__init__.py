@@ -6,7 +6,9 @@ One module per stage of the path from a terminal to the SageMaker API:
 - `session`: the boto3 clients of one run, and `poll_until`, the one way to wait for AWS;
 - `upload`: a local training channel to a content-addressed S3 prefix;
 - `training`: `train`, `status`, `logs`, `stop`, with the CloudWatch log tail;
-- `hosting`: models, `deploy`, `delete` and endpoint states;
+- `tuning`: `tune`, automatic model tuning whose trials `train` defines;
+- `hosting`: models, `deploy` (instances, asynchronous or serverless), `delete`, endpoint states;
+- `scaling`: endpoint autoscaling with Application Auto Scaling;
 - `invoke`: photos to an endpoint (re-encoded when too large), predictions printed;
 - `transform`: batch transform over an S3 prefix of photos;
 - `cli`: the command line (`run-job`, or `scripts/run_job.py` from a clone).
