@@ -1,5 +1,8 @@
 """The log-line format and the regexes SageMaker scrapes it with agree."""
 
+import math
+
+import pytest
 from species_classifier import metric_lines
 
 
@@ -28,3 +31,21 @@ def test_definitions_fit_sagemaker_limits():
     assert len(metric_lines.METRIC_DEFINITIONS) <= 40
     for definition in metric_lines.METRIC_DEFINITIONS:
         assert 1 <= len(definition["Name"]) <= 255 and 1 <= len(definition["Regex"]) <= 500
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_values_cloudwatch_refuses_are_never_scraped(bad):
+    line = (
+        metric_lines.epoch_line(1, 1, bad, bad, bad, bad)
+        + " "
+        + metric_lines.job_line(bad, bad, bad)
+    )
+    scraped = metric_lines.scrape(line)
+    assert all(values == [] for values in scraped.values()), (line, scraped)
+    assert "nan" in line or "inf" in line  # still there for a person reading the log
+
+
+def test_every_scraped_value_is_finite():
+    line = metric_lines.epoch_line(3, 9, 1e-9, -0.5, 1.0, 1e6)
+    values = [v for found in metric_lines.scrape(line).values() for v in found]
+    assert len(values) == 4 and all(math.isfinite(v) for v in values)

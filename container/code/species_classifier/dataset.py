@@ -19,13 +19,10 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
+from species_classifier.channel import REQUIRED_COLUMNS, DatasetError, find_csv  # noqa: F401
+
 OTHER = "other"
-REQUIRED_COLUMNS = ("species_name", "image_name")
 HOLDOUT_FRACTION = 0.3
-
-
-class DatasetError(ValueError):
-    """The training data cannot be used as it is; the message says why and what to do."""
 
 
 @dataclass(frozen=True)
@@ -49,33 +46,6 @@ class LabelledPhotos:
     def class_counts(self) -> dict[str, int]:
         counts = np.bincount(self.labels, minlength=len(self.classes))
         return dict(zip(self.classes, counts.tolist(), strict=True))
-
-
-def find_csv(channel_dir: Path, csv_file: str | None) -> Path:
-    """The CSV named by `csv_file`, or the only CSV in the channel."""
-    if not channel_dir.is_dir():
-        raise DatasetError(
-            f"training channel {channel_dir} does not exist: give the job an input channel "
-            "named 'training' holding the CSV and the photos"
-        )
-    if csv_file:
-        path = channel_dir / csv_file
-        if not path.is_file():
-            found = sorted(p.name for p in channel_dir.glob("*.csv"))
-            raise DatasetError(
-                f"csv_file={csv_file!r} is not in the training channel (CSVs there: {found})"
-            )
-        return path
-    candidates = sorted(channel_dir.glob("*.csv"))
-    if len(candidates) == 1:
-        return candidates[0]
-    if not candidates:
-        raise DatasetError(
-            f"no CSV in the training channel {channel_dir}: add one with the columns "
-            f"{', '.join(REQUIRED_COLUMNS)}"
-        )
-    names = ", ".join(p.name for p in candidates)
-    raise DatasetError(f"several CSVs in the training channel ({names}): name one with csv_file")
 
 
 def read_rows(csv_path: Path) -> list[tuple[str, str]]:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import re
 
-# Numbers as Python formats them: 0.4123, 2711, 1e-05, nan.
-_NUMBER = r"([-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf))"
+# Finite numbers as Python formats them: 0.4123, 2711, 1e-05. CloudWatch refuses NaN and
+# infinity (PutMetricData), so a `val_loss=nan` stays in the log for people and is never scraped.
+_NUMBER = r"([-+]?\d+\.?\d*(?:[eE][-+]?\d+)?)"
 
 # name in the log line -> name of the CloudWatch metric.
 _EPOCH_METRICS = {
