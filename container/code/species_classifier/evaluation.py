@@ -275,9 +275,10 @@ def _curves_figure(folds: list[FoldState]) -> Figure:
 
 
 def _reliability_figure(probs: np.ndarray, labels: np.ndarray, calibration: dict) -> Figure:
-    """Accuracy against confidence per bin; the diagonal is perfect calibration."""
-    figure = Figure(figsize=(5.5, 5), layout="constrained")
-    axis = figure.subplots()
+    """Accuracy against confidence per bin (the diagonal is perfect calibration), and below
+    it the photos per bin, which say how far each point can be trusted."""
+    figure = Figure(figsize=(5.5, 6.5), layout="constrained")
+    axis, counts_axis = figure.subplots(2, 1, sharex=True, height_ratios=(3, 1))
     axis.plot([0, 1], [0, 1], color="grey", ls=":", label="perfectly calibrated")
     curves = [("as trained", probs, calibration["ece_before"], "C0")]
     if calibration["fitted_temperature"] != 1.0:
@@ -285,7 +286,11 @@ def _reliability_figure(probs: np.ndarray, labels: np.ndarray, calibration: dict
         label = f"temperature {calibration['fitted_temperature']:.2f}"
         curves.append((label, scaled, calibration["ece_after"], "C1"))
     for label, p, ece, colour in curves:
-        bins = [row for row in reliability(p, labels, calibration["bins"]) if row["count"]]
+        rows = reliability(p, labels, calibration["bins"])
+        counts_axis.stairs(
+            [row["count"] for row in rows], [0.0] + [row["high"] for row in rows], color=colour
+        )
+        bins = [row for row in rows if row["count"]]
         axis.plot(
             [row["confidence"] for row in bins],
             [row["accuracy"] for row in bins],
@@ -296,13 +301,14 @@ def _reliability_figure(probs: np.ndarray, labels: np.ndarray, calibration: dict
     served = "applied in serving" if calibration["applied"] else "not applied in serving"
     axis.set(
         title=f"Reliability of the out-of-fold confidence\n(temperature {served})",
-        xlabel="confidence (largest class probability)",
         ylabel="accuracy",
         xlim=(0, 1.02),
         ylim=(0, 1.02),
     )
     axis.legend(loc="upper left")
-    axis.grid(alpha=0.3)
+    counts_axis.set(xlabel="confidence (largest class probability)", ylabel="photos")
+    for each in (axis, counts_axis):
+        each.grid(alpha=0.3)
     return figure
 
 
@@ -314,13 +320,21 @@ def _contact_sheet(chosen: pd.DataFrame, channel_dir: Path, title: str) -> Figur
     for cell, photo in enumerate(chosen.itertuples()):
         axis = figure.add_subplot(rows, SHEET_COLUMNS, cell + 1)
         axis.imshow(_thumbnail(channel_dir / photo.image_name))
-        axis.set_title(
-            f"true: {photo.true_label}\npredicted: {photo.predicted_label}\n"
-            f"confidence {photo.confidence:.0%} (fold {photo.fold})",
-            fontsize=8,
-        )
+        axis.set_title(_caption(photo), fontsize=8)
         axis.set_axis_off()
     return figure
+
+
+def _caption(photo) -> str:
+    """True class (with the species when it is more specific), prediction and confidence."""
+    true = photo.true_label
+    if photo.species_name != true:
+        true = f"{true} ({photo.species_name})"
+    verdict = "right" if photo.predicted_label == photo.true_label else "wrong"
+    return (
+        f"true: {true}\npredicted: {photo.predicted_label}\n"
+        f"{verdict}, confidence {photo.confidence:.0%} (fold {photo.fold})"
+    )
 
 
 def _thumbnail(path: Path) -> np.ndarray:
