@@ -47,6 +47,19 @@ def test_the_holdout_is_stratified_disjoint_and_the_same_for_the_same_seed():
     assert holdout.set_aside(photos, 0.2, seed=7)[1].paths != held.paths
 
 
+def test_a_class_of_one_photo_or_a_holdout_smaller_than_the_classes_is_a_clear_error():
+    with pytest.raises(
+        DatasetError, match=r"needs at least 2 photos per class, .*'class 1' has 1\."
+    ):
+        holdout.set_aside(_photos([10, 1, 10]), 0.2, seed=42)
+    with pytest.raises(
+        DatasetError,
+        match=r"holdout_fraction=0.1 of 21 photos sets aside 3, fewer than the 4 classes: "
+        r"raise it to at least 0.2 or add photos",
+    ):
+        holdout.set_aside(_photos([6, 5, 5, 5]), 0.1, seed=42)
+
+
 def test_a_holdout_too_small_for_every_class_is_a_clear_error():
     with pytest.raises(DatasetError) as error:
         holdout.set_aside(_photos([2, 30, 30]), 0.05, seed=42)

@@ -11,6 +11,7 @@ refit model, with the stored temperature).
 from __future__ import annotations
 
 import logging
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,21 +45,28 @@ def set_aside(
     if fraction == 0:
         return photos, None
     counts = photos.class_counts()
-    try:
-        _, held = train_test_split(
-            np.arange(len(photos.labels)),
-            test_size=fraction,
-            stratify=photos.labels,
-            random_state=seed,
+    total, classes = len(photos.labels), len(photos.classes)
+    lonely = [f"{name!r} has {count}" for name, count in counts.items() if count < 2]
+    if lonely:
+        raise DatasetError(
+            f"holdout_fraction={fraction} needs at least 2 photos per class, one to hold out "
+            f"and one for the folds: {', '.join(lonely)}. Add photos or use holdout_fraction=0"
         )
-    except ValueError:
-        held = np.array([], dtype=np.int64)
+    held_count = math.ceil(fraction * total)  # as train_test_split counts it
+    if held_count < classes:
+        raise DatasetError(
+            f"holdout_fraction={fraction} of {total} photos sets aside {held_count}, fewer than "
+            f"the {classes} classes: raise it to at least {math.ceil(100 * classes / total) / 100} or add photos"
+        )
+    _, held = train_test_split(
+        np.arange(total), test_size=held_count, stratify=photos.labels, random_state=seed
+    )
     held_counts = np.bincount(photos.labels[held], minlength=len(photos.classes))
     missing = [name for name, count in zip(photos.classes, held_counts, strict=True) if not count]
     if missing:
         listed = ", ".join(f"{name!r} ({counts[name]} photos)" for name in missing)
         raise DatasetError(
-            f"holdout_fraction={fraction} of {len(photos.labels)} photos sets aside no photo "
+            f"holdout_fraction={fraction} of {total} photos sets aside no photo "
             f"of {listed}: every class needs at least one in the holdout and enough left for "
             "the folds. Raise holdout_fraction, add photos, or use holdout_fraction=0"
         )
