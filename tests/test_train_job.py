@@ -45,7 +45,7 @@ def test_three_fold_job_writes_every_output(job):
         "oof_predictions.csv",
         "confusion_pooled.png",
         "confusion_pooled_normalized.png",
-        "curves_fold-3.png",
+        "curves.png",
         "confusion_fold-2.png",
     ]:
         assert (data / name).stat().st_size > 0, name

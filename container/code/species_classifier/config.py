@@ -45,6 +45,7 @@ class TrainingConfig:
     decode_workers: int = 0
     workers_per_host: int = 0
     final_model: str = "ensemble"
+    holdout_fraction: float = 0.0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -62,6 +63,7 @@ _RANGES = {
     "seed": (0, 2**31 - 1),
     "decode_workers": (0, 256),
     "workers_per_host": (0, 64),
+    "holdout_fraction": (0.0, 0.5),
 }
 _CHOICES = {"precision": PRECISIONS, "cache_device": CACHE_DEVICES, "final_model": FINAL_MODELS}
 _IGNORED_PREFIXES = ("sagemaker_", "_")

@@ -1,12 +1,19 @@
 """Cross-validation results: metrics per fold and pooled out-of-fold, plots and the report.
 
 Everything lands in /opt/ml/output/data (uploaded as output.tar.gz):
-    metrics.json            per-fold and pooled metrics, confusion matrices
-    oof_predictions.csv     one row per photo: its fold, true and predicted label, probabilities
-    skipped_images.csv      photos left out, with the reason (only when there are any)
-    curves_fold-K.png       loss and macro-F1 per epoch
-    confusion_*.png         raw and row-normalised confusion matrices, per fold and pooled
-    report.md               the summary a person reads first
+    metrics.json                per-fold, pooled and holdout metrics, calibration
+    oof_predictions.csv         one row per photo: fold, true and predicted label, probabilities
+    holdout_predictions.csv     the same for the holdout photos (holdout_fraction > 0)
+    per_class_metrics.csv       precision, recall, F1 and support per class, per scope
+    skipped_images.csv          photos left out, with the reason (only when there are any)
+    curves.png                  every fold's loss and macro-F1 per epoch, in one figure
+    confusion_*.png             raw and row-normalised confusion matrices, per fold and pooled
+    reliability.png             confidence against accuracy, before and after the temperature
+    mistakes_confident.png      contact sheet: the most confident wrong out-of-fold answers
+    right_unsure.png            contact sheet: the least confident right ones
+    report.md                   the summary a person reads first
+
+Plots are drawn on matplotlib Figure objects, which need no backend and no global state.
 """
 
 from __future__ import annotations
@@ -15,42 +22,92 @@ import csv
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from PIL import Image, ImageOps
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-matplotlib.use("Agg")  # no display in a training container
+from species_classifier.calibration import apply_temperature, calibrate, reliability
+from species_classifier.dataset import LabelledPhotos
+from species_classifier.trainer import FoldState
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support  # noqa: E402
+if TYPE_CHECKING:
+    from species_classifier.holdout import HoldoutResult
 
-from species_classifier.dataset import LabelledPhotos  # noqa: E402
-from species_classifier.trainer import FoldState  # noqa: E402
+# Photos per contact sheet, and their grid.
+SHEET_COLUMNS, SHEET_ROWS = 4, 3
+THUMBNAIL_PX = 160
+DPI = 80
+
+
+def per_class_frame(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    """One row per class: precision, recall, F1 and support."""
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=list(range(len(classes))), zero_division=0
+    )
+    return pd.DataFrame(
+        {"precision": precision, "recall": recall, "f1": f1, "support": support},
+        index=pd.Index(classes, name="class"),
+    )
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
-    labels = list(range(len(classes)))
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=0
-    )
-    matrix = confusion_matrix(y_true, y_pred, labels=labels)
+    per_class = per_class_frame(y_true, y_pred, classes)
+    matrix = confusion_matrix(y_true, y_pred, labels=list(range(len(classes))))
     row_sums = matrix.sum(axis=1, keepdims=True)
     normalised = np.divide(matrix, row_sums, out=np.zeros(matrix.shape), where=row_sums > 0)
     return {
-        "macro_f1": float(f1.mean()),
+        "macro_f1": float(per_class["f1"].mean()),
         "accuracy": float((y_true == y_pred).mean()),
         "per_class": {
             name: {
-                "precision": float(precision[i]),
-                "recall": float(recall[i]),
-                "f1": float(f1[i]),
-                "support": int(support[i]),
+                "precision": float(row.precision),
+                "recall": float(row.recall),
+                "f1": float(row.f1),
+                "support": int(row.support),
             }
-            for i, name in enumerate(classes)
+            for name, row in per_class.iterrows()
         },
         "confusion_matrix": matrix.tolist(),
         "confusion_matrix_normalized": np.round(normalised, 4).tolist(),
     }
+
+
+def predictions_frame(
+    photos: LabelledPhotos, rows: np.ndarray, probs: np.ndarray, channel_dir: Path
+) -> pd.DataFrame:
+    """One row per photo (photos' rows `rows`): names, true and predicted class, probabilities."""
+    classes = np.array(photos.classes)
+    described = pd.DataFrame(
+        {
+            "image_name": [str(photos.paths[r].relative_to(channel_dir)) for r in rows],
+            "species_name": [photos.species[r] for r in rows],
+            "true_label": classes[photos.labels[rows]],
+            "predicted_label": classes[probs.argmax(axis=1)],
+            "confidence": probs.max(axis=1),
+        }
+    )
+    probabilities = pd.DataFrame(probs, columns=[f"prob_{name}" for name in photos.classes])
+    return pd.concat([described, probabilities], axis=1)
+
+
+def out_of_fold_frame(
+    folds: list[FoldState],
+    fold_indices: list[np.ndarray],
+    photos: LabelledPhotos,
+    channel_dir: Path,
+) -> pd.DataFrame:
+    """Every photo once, predicted by the fold model that did not train on it (best epoch)."""
+    frames = []
+    for state, val_index in zip(folds, fold_indices, strict=True):
+        frame = predictions_frame(photos, val_index, state.best_val_probs.numpy(), channel_dir)
+        frame.insert(2, "fold", state.fold)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
 
 
 def summarize(
@@ -59,32 +116,33 @@ def summarize(
     photos: LabelledPhotos,
     skipped: int,
 ) -> dict:
-    """metrics.json: per fold (best epoch), mean and std over folds, pooled out-of-fold."""
-    fold_entries, pooled_true, pooled_pred = [], [], []
+    """metrics.json: per fold (best epoch), mean and std over folds, pooled out-of-fold,
+    and the calibration of the out-of-fold confidences with the temperature to serve."""
+    fold_entries = []
     for state, val_index in zip(folds, fold_indices, strict=True):
-        y_true = photos.labels[val_index]
-        y_pred = state.best_val_probs.argmax(1).numpy()
-        pooled_true.append(y_true)
-        pooled_pred.append(y_pred)
         fold_entries.append(
             {
                 "fold": state.fold,
                 "best_epoch": state.best_epoch,
                 "epochs_run": state.epoch,
-                **classification_metrics(y_true, y_pred, photos.classes),
+                **classification_metrics(
+                    photos.labels[val_index], state.best_val_probs.argmax(1).numpy(), photos.classes
+                ),
                 "history": [asdict(r) for r in state.history],
             }
         )
     fold_f1 = np.array([f["macro_f1"] for f in fold_entries])
-    pooled = classification_metrics(
-        np.concatenate(pooled_true), np.concatenate(pooled_pred), photos.classes
-    )
+    pooled_probs = np.concatenate([s.best_val_probs.numpy() for s in folds]).astype(np.float64)
+    pooled_true = np.concatenate([photos.labels[v] for v in fold_indices])
     return {
         "classes": photos.classes,
         "folds": fold_entries,
         "mean_macro_f1": float(fold_f1.mean()),
         "std_macro_f1": float(fold_f1.std()),
-        "out_of_fold": pooled,
+        "out_of_fold": classification_metrics(
+            pooled_true, pooled_probs.argmax(axis=1), photos.classes
+        ),
+        "calibration": calibrate(pooled_probs, pooled_true).to_dict(),
         "photos": {
             "used": len(photos.labels),
             "skipped": skipped,
@@ -101,16 +159,41 @@ def write_outputs(
     photos: LabelledPhotos,
     channel_dir: Path,
     settings: dict,
+    holdout: HoldoutResult | None = None,
 ) -> None:
+    """metrics.json (with the holdout's scores when there is one), tables, plots, report.md."""
     output_dir.mkdir(parents=True, exist_ok=True)
+    if holdout is not None:
+        metrics = {**metrics, "holdout": holdout.metrics}
+        holdout.predictions.to_csv(
+            output_dir / "holdout_predictions.csv", index=False, float_format="%.6f"
+        )
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    _write_oof_csv(output_dir / "oof_predictions.csv", folds, fold_indices, photos, channel_dir)
+    oof = out_of_fold_frame(folds, fold_indices, photos, channel_dir)
+    oof.to_csv(output_dir / "oof_predictions.csv", index=False, float_format="%.6f")
+    _per_class_table(metrics).to_csv(
+        output_dir / "per_class_metrics.csv", index=False, float_format="%.4f"
+    )
+
     classes = photos.classes
-    for state, entry in zip(folds, metrics["folds"], strict=True):
-        _plot_curves(output_dir / f"curves_fold-{state.fold}.png", state)
-        _plot_confusions(output_dir, f"fold-{state.fold}", entry, classes)
+    _save(_curves_figure(folds), output_dir / "curves.png")
+    for entry in metrics["folds"]:
+        _plot_confusions(output_dir, f"fold-{entry['fold']}", entry, classes)
     _plot_confusions(output_dir, "pooled", metrics["out_of_fold"], classes)
-    (output_dir / "report.md").write_text(render_report(metrics, settings))
+    if holdout is not None:
+        _plot_confusions(output_dir, "holdout", holdout.metrics, classes)
+    probs = oof[[f"prob_{name}" for name in classes]].to_numpy()
+    labels = oof["true_label"].map({name: i for i, name in enumerate(classes)}).to_numpy()
+    _save(
+        _reliability_figure(probs, labels, metrics["calibration"]),
+        output_dir / "reliability.png",
+    )
+    sheets = {}
+    for name, chosen, title in _sheet_choices(oof):
+        if len(chosen):
+            _save(_contact_sheet(chosen, channel_dir, title), output_dir / f"{name}.png")
+        sheets[name] = len(chosen)
+    (output_dir / "report.md").write_text(render_report(metrics, settings, sheets))
 
 
 def write_skipped(path: Path, skipped: list[tuple[str, str, str]]) -> None:
@@ -122,44 +205,145 @@ def write_skipped(path: Path, skipped: list[tuple[str, str, str]]) -> None:
         writer.writerows(skipped)
 
 
-def _write_oof_csv(path, folds, fold_indices, photos: LabelledPhotos, channel_dir: Path) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(
-            ["image_name", "species_name", "fold", "true_label", "predicted_label"]
-            + [f"prob_{name}" for name in photos.classes]
+def _per_class_table(metrics: dict) -> pd.DataFrame:
+    """Long format: scope (out_of_fold, holdout, fold-K), class and its scores."""
+    scopes = {"out_of_fold": metrics["out_of_fold"]}
+    if "holdout" in metrics:
+        scopes["holdout"] = metrics["holdout"]
+    scopes.update({f"fold-{f['fold']}": f for f in metrics["folds"]})
+    frames = [
+        pd.DataFrame.from_dict(scores["per_class"], orient="index")
+        .rename_axis("class")
+        .reset_index()
+        .assign(scope=scope)
+        for scope, scores in scopes.items()
+    ]
+    table = pd.concat(frames, ignore_index=True)
+    return table[["scope", "class", "precision", "recall", "f1", "support"]]
+
+
+def _sheet_choices(oof: pd.DataFrame) -> list[tuple[str, pd.DataFrame, str]]:
+    """(file stem, photos, title): the most confident mistakes, the least confident hits."""
+    count = SHEET_COLUMNS * SHEET_ROWS
+    right = oof["true_label"] == oof["predicted_label"]
+    return [
+        (
+            "mistakes_confident",
+            oof[~right].sort_values("confidence", ascending=False, kind="stable").head(count),
+            "The most confident wrong answers (out-of-fold)",
+        ),
+        (
+            "right_unsure",
+            oof[right].sort_values("confidence", kind="stable").head(count),
+            "The least confident right answers (out-of-fold)",
+        ),
+    ]
+
+
+def _save(figure: Figure, path: Path) -> None:
+    figure.savefig(path, dpi=DPI)
+
+
+def _curves_figure(folds: list[FoldState]) -> Figure:
+    """Loss and macro-F1 of every fold on two shared panels: colour = fold,
+    solid = validation, dashed = training, star = the epoch the fold kept."""
+    figure = Figure(figsize=(11, 4), layout="constrained")
+    loss_axis, f1_axis = figure.subplots(1, 2)
+    for number, state in enumerate(folds):
+        colour = f"C{number}"
+        epochs = [r.epoch for r in state.history]
+        name = f"fold {state.fold}"
+        solid = {"color": colour, "marker": "o", "markersize": 3, "label": name}
+        dashed = {"color": colour, "ls": "--"}
+        loss_axis.plot(epochs, [r.val_loss for r in state.history], **solid)
+        loss_axis.plot(epochs, [r.train_loss for r in state.history], **dashed)
+        f1_axis.plot(epochs, [r.val_macro_f1 for r in state.history], **solid)
+        # Training macro-F1 on the epoch's (augmented) batches, where the trainer records it.
+        train_f1 = [getattr(r, "train_macro_f1", None) for r in state.history]
+        if any(value is not None for value in train_f1):
+            f1_axis.plot(epochs, train_f1, **dashed)
+        best = state.history[state.best_epoch - 1]
+        f1_axis.plot(best.epoch, best.val_macro_f1, marker="*", markersize=12, color=colour)
+    loss_axis.set(title="Loss (solid: validation, dashed: training)", xlabel="epoch")
+    loss_axis.set(ylabel="weighted cross-entropy")
+    f1_axis.set(title="Macro-F1 (star: the epoch each fold kept)", xlabel="epoch", ylim=(0, 1.02))
+    for axis in (loss_axis, f1_axis):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.legend()
+        axis.grid(alpha=0.3)
+    return figure
+
+
+def _reliability_figure(probs: np.ndarray, labels: np.ndarray, calibration: dict) -> Figure:
+    """Accuracy against confidence per bin (the diagonal is perfect calibration), and below
+    it the photos per bin, which say how far each point can be trusted."""
+    figure = Figure(figsize=(5.5, 6.5), layout="constrained")
+    axis, counts_axis = figure.subplots(2, 1, sharex=True, height_ratios=(3, 1))
+    axis.plot([0, 1], [0, 1], color="grey", ls=":", label="perfectly calibrated")
+    curves = [("as trained", probs, calibration["ece_before"], "C0")]
+    if calibration["fitted_temperature"] != 1.0:
+        scaled = apply_temperature(probs, calibration["fitted_temperature"])
+        label = f"temperature {calibration['fitted_temperature']:.2f}"
+        curves.append((label, scaled, calibration["ece_after"], "C1"))
+    for label, p, ece, colour in curves:
+        rows = reliability(p, labels, calibration["bins"])
+        counts_axis.stairs(
+            [row["count"] for row in rows], [0.0] + [row["high"] for row in rows], color=colour
         )
-        for state, val_index in zip(folds, fold_indices, strict=True):
-            probs = state.best_val_probs.numpy()
-            for row, p in zip(val_index, probs, strict=True):
-                writer.writerow(
-                    [
-                        str(photos.paths[row].relative_to(channel_dir)),
-                        photos.species[row],
-                        state.fold,
-                        photos.classes[photos.labels[row]],
-                        photos.classes[int(p.argmax())],
-                    ]
-                    + [f"{x:.6f}" for x in p]
-                )
-
-
-def _plot_curves(path: Path, state: FoldState) -> None:
-    epochs = [r.epoch for r in state.history]
-    figure, (loss_axis, f1_axis) = plt.subplots(1, 2, figsize=(10, 4))
-    loss_axis.plot(epochs, [r.train_loss for r in state.history], marker="o", label="train")
-    loss_axis.plot(epochs, [r.val_loss for r in state.history], marker="o", label="validation")
-    loss_axis.set(title=f"Fold {state.fold}: loss", xlabel="epoch", ylabel="weighted cross-entropy")
-    loss_axis.legend()
-    f1_axis.plot(epochs, [r.val_macro_f1 for r in state.history], marker="o", color="tab:green")
-    f1_axis.axvline(
-        state.best_epoch, linestyle="--", color="grey", label=f"best epoch {state.best_epoch}"
+        bins = [row for row in rows if row["count"]]
+        axis.plot(
+            [row["confidence"] for row in bins],
+            [row["accuracy"] for row in bins],
+            marker="o",
+            color=colour,
+            label=f"{label}: ECE {ece:.3f}",
+        )
+    served = "applied in serving" if calibration["applied"] else "not applied in serving"
+    axis.set(
+        title=f"Reliability of the out-of-fold confidence\n(temperature {served})",
+        ylabel="accuracy",
+        xlim=(0, 1.02),
+        ylim=(0, 1.02),
     )
-    f1_axis.set(title=f"Fold {state.fold}: validation macro-F1", xlabel="epoch", ylim=(0, 1.02))
-    f1_axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    axis.legend(loc="upper left")
+    counts_axis.set(xlabel="confidence (largest class probability)", ylabel="photos")
+    for each in (axis, counts_axis):
+        each.grid(alpha=0.3)
+    return figure
+
+
+def _contact_sheet(chosen: pd.DataFrame, channel_dir: Path, title: str) -> Figure:
+    """Thumbnails in a grid, each captioned with the true and predicted class and confidence."""
+    rows = -(-len(chosen) // SHEET_COLUMNS)
+    figure = Figure(figsize=(SHEET_COLUMNS * 2.3, rows * 2.6 + 0.4), layout="constrained")
+    figure.suptitle(title)
+    for cell, photo in enumerate(chosen.itertuples()):
+        axis = figure.add_subplot(rows, SHEET_COLUMNS, cell + 1)
+        axis.imshow(_thumbnail(channel_dir / photo.image_name))
+        axis.set_title(_caption(photo), fontsize=8)
+        axis.set_axis_off()
+    return figure
+
+
+def _caption(photo) -> str:
+    """True class (with the species when it is more specific), prediction and confidence."""
+    true = photo.true_label
+    if photo.species_name != true:
+        true = f"{true} ({photo.species_name})"
+    verdict = "right" if photo.predicted_label == photo.true_label else "wrong"
+    return (
+        f"true: {true}\npredicted: {photo.predicted_label}\n"
+        f"{verdict}, confidence {photo.confidence:.0%} (fold {photo.fold})"
+    )
+
+
+def _thumbnail(path: Path) -> np.ndarray:
+    """The photo as a person sees it (EXIF orientation, true aspect), at most THUMBNAIL_PX."""
+    with Image.open(path) as image:
+        image.draft("RGB", (THUMBNAIL_PX, THUMBNAIL_PX))
+        picture = ImageOps.exif_transpose(image).convert("RGB")
+    picture.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+    return np.asarray(picture)
 
 
 def _plot_confusions(output_dir: Path, name: str, metrics: dict, classes: list[str]) -> None:
@@ -169,7 +353,8 @@ def _plot_confusions(output_dir: Path, name: str, metrics: dict, classes: list[s
     ):
         matrix = np.array(metrics[key])
         size = 1.2 * len(classes) + 3
-        figure, axis = plt.subplots(figsize=(size, size))
+        figure = Figure(figsize=(size, size), layout="constrained")
+        axis = figure.subplots()
         axis.imshow(matrix, cmap="Blues", vmin=0)
         axis.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
         axis.set_yticks(range(len(classes)), classes)
@@ -178,12 +363,11 @@ def _plot_confusions(output_dir: Path, name: str, metrics: dict, classes: list[s
         for (i, j), value in np.ndenumerate(matrix):
             colour = "white" if value > threshold else "black"
             axis.text(j, i, format(value, fmt), ha="center", va="center", color=colour)
-        figure.tight_layout()
-        figure.savefig(output_dir / f"confusion_{name}{suffix}.png", dpi=100)
-        plt.close(figure)
+        _save(figure, output_dir / f"confusion_{name}{suffix}.png")
 
 
-def render_report(metrics: dict, settings: dict) -> str:
+def render_report(metrics: dict, settings: dict, sheets: dict[str, int]) -> str:
+    """report.md; `sheets` maps each contact sheet's file stem to its photo count."""
     pooled = metrics["out_of_fold"]
     lines = [
         "# Species classifier: cross-validation report",
@@ -192,6 +376,15 @@ def render_report(metrics: dict, settings: dict) -> str:
         f"{metrics['mean_macro_f1']:.3f} ± {metrics['std_macro_f1']:.3f}** "
         f"(pooled out-of-fold: {pooled['macro_f1']:.3f}, accuracy {pooled['accuracy']:.3f})",
         "",
+    ]
+    if "holdout" in metrics:
+        holdout = metrics["holdout"]
+        lines += [
+            f"**Holdout macro-F1: {holdout['macro_f1']:.3f}** (accuracy {holdout['accuracy']:.3f}, "
+            f"{holdout['count']} photos never used in training): the number to quote, see below.",
+            "",
+        ]
+    lines += [
         f"Photos used: {metrics['photos']['used']}, left out as unreadable: "
         f"{metrics['photos']['skipped']}"
         + (" (see skipped_images.csv)" if metrics["photos"]["skipped"] else ""),
@@ -210,26 +403,93 @@ def render_report(metrics: dict, settings: dict) -> str:
         )
     lines += [
         "",
+        "Fold scores are optimistic: each fold's validation photos also chose the epoch it "
+        "kept, so they are the best of several looks at the same photos."
+        + (
+            ""
+            if "holdout" in metrics
+            else " Set `holdout_fraction` (e.g. 0.15) for a score on photos that chose nothing."
+        ),
+        "",
+        "![every fold's curves](curves.png)",
+        "",
         "## Per class (pooled out-of-fold)",
         "",
-        "| class | precision | recall | F1 | photos |",
-        "|---|---|---|---|---|",
-    ]
-    for name, scores in pooled["per_class"].items():
-        lines.append(
-            f"| {name} | {scores['precision']:.3f} | {scores['recall']:.3f} | "
-            f"{scores['f1']:.3f} | {scores['support']} |"
-        )
-    lines += [
-        "",
-        "## Plots",
+        *_per_class_lines(pooled),
         "",
         "![pooled confusion matrix](confusion_pooled_normalized.png)",
         "",
     ]
-    lines += [f"![fold {f['fold']} curves](curves_fold-{f['fold']}.png)" for f in metrics["folds"]]
-    lines += ["", "## Settings", "", "```json", json.dumps(settings, indent=2), "```", ""]
+    if "holdout" in metrics:
+        lines += _holdout_lines(metrics["holdout"])
+    lines += _calibration_lines(metrics["calibration"])
+    lines += _mistakes_lines(sheets)
+    lines += ["## Settings", "", "```json", json.dumps(settings, indent=2), "```", ""]
     return "\n".join(lines)
+
+
+def _per_class_lines(scores: dict) -> list[str]:
+    lines = ["| class | precision | recall | F1 | photos |", "|---|---|---|---|---|"]
+    for name, s in scores["per_class"].items():
+        lines.append(
+            f"| {name} | {s['precision']:.3f} | {s['recall']:.3f} | {s['f1']:.3f} | {s['support']} |"
+        )
+    return lines
+
+
+def _holdout_lines(holdout: dict) -> list[str]:
+    unreadable = f", {holdout['unreadable']} unreadable left out" if holdout["unreadable"] else ""
+    return [
+        "## Holdout: the served model on photos it never saw",
+        "",
+        f"{holdout['count']} photos{unreadable}, set aside (stratified) before the folds were "
+        "made, scored once by the model bundle exactly as `serve` answers. "
+        f"Macro-F1 {holdout['macro_f1']:.3f}, accuracy {holdout['accuracy']:.3f}, "
+        f"expected calibration error {holdout['ece']:.3f}.",
+        "",
+        *_per_class_lines(holdout),
+        "",
+        "![holdout confusion matrix](confusion_holdout_normalized.png)",
+        "",
+    ]
+
+
+def _calibration_lines(calibration: dict) -> list[str]:
+    temperature = calibration["fitted_temperature"]
+    if calibration["applied"]:
+        verdict = (
+            f"It lowers the error from {calibration['ece_before']:.3f} to "
+            f"{calibration['ece_after']:.3f}, so `serve` applies it (model.json `temperature`)."
+        )
+    else:
+        verdict = (
+            f"It would change the error from {calibration['ece_before']:.3f} to "
+            f"{calibration['ece_after']:.3f}, no better, so `serve` does not apply it "
+            "(model.json `temperature` is 1)."
+        )
+    return [
+        "## Calibration: can the confidence be trusted?",
+        "",
+        "Expected calibration error (ECE): the gap between confidence and accuracy, averaged "
+        f"over {calibration['bins']} confidence bins weighted by their photos (0 is perfect). "
+        f"One temperature fitted on the out-of-fold predictions: T = {temperature:.3f} "
+        "(above 1 softens overconfident answers, below 1 sharpens timid ones; the predicted "
+        f"class never changes). {verdict}",
+        "",
+        "![reliability diagram](reliability.png)",
+        "",
+    ]
+
+
+def _mistakes_lines(sheets: dict[str, int]) -> list[str]:
+    lines = ["## Mistakes, seen", ""]
+    captions = {
+        "mistakes_confident": ("the most confident wrong answers", "No wrong answers."),
+        "right_unsure": ("the least confident right answers", "No right answers."),
+    }
+    for name, (caption, none) in captions.items():
+        lines += [f"![{caption}]({name}.png)" if sheets.get(name) else none, ""]
+    return lines
 
 
 def _final_model_line(final: dict) -> str:

@@ -26,7 +26,7 @@ import torch
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-from species_classifier import metric_lines
+from species_classifier import holdout, metric_lines
 from species_classifier.artifacts import BundleDescription, Member, write_bundle
 from species_classifier.cache import build_cache
 from species_classifier.checkpoint import CheckpointStore
@@ -169,6 +169,7 @@ def run(paths: JobPaths, config: TrainingConfig, workers: Workers) -> None:
         config.downsample_frac,
         config.seed,
     )
+    photos, held_out = holdout.set_aside(photos, config.holdout_fraction, config.seed)
     _log.info("%s: %d photos, classes %s", csv_path.name, len(photos.labels), photos.class_counts())
     check_class_sizes(photos, config.k_folds)
 
@@ -272,8 +273,11 @@ def run(paths: JobPaths, config: TrainingConfig, workers: Workers) -> None:
         "precision": trainer.precision,
         "workers": workers.world_size,
     }
-    write_outputs(paths.output_data_dir, metrics, finished, fold_indices, photos, channel, settings)
     _write_model(paths, config, photos, [refit] if refit else finished, metrics, settings)
+    scored = holdout.score(paths.model_dir, held_out, channel) if held_out is not None else None
+    write_outputs(
+        paths.output_data_dir, metrics, finished, fold_indices, photos, channel, settings, scored
+    )
     _log.info(
         "done in %s: model in %s, report in %s",
         format_duration(time.perf_counter() - job_started),
@@ -399,6 +403,8 @@ def _write_model(paths, config, photos, finished, metrics, settings) -> None:
         classes=photos.classes,
         img_size=config.img_size,
         members=members,
+        temperature=metrics["calibration"]["temperature"],
+        calibration=metrics["calibration"],
         training={
             "settings": settings,
             "target_species": list(config.target_species),
