@@ -12,6 +12,7 @@ there is no second copy of the constants that could drift from training.
 from __future__ import annotations
 
 import json
+import math
 import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,6 +49,8 @@ class BundleDescription:
     std: tuple[float, ...] = IMAGENET_STD
     resize: str = "squash to img_size x img_size, bilinear, after EXIF orientation"
     ensemble: str = "mean of the members' softmax probabilities"
+    # Calibration: each member's probabilities are softmax(logits / temperature); 1.0 is none.
+    temperature: float = 1.0
     training: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
@@ -82,6 +85,14 @@ def read_description(model_dir: Path) -> BundleDescription:
         raise BundleError(
             f"{path} has format_version {description.format_version}; this image reads "
             f"version {FORMAT_VERSION}: serve it with the image that trained it"
+        )
+    temperature = description.temperature
+    if not (
+        isinstance(temperature, int | float) and math.isfinite(temperature) and temperature > 0
+    ):
+        raise BundleError(
+            f"{path} has temperature {description.temperature!r}: it must be a positive "
+            "number (1.0 for none)"
         )
     if description.architecture != ARCHITECTURE or not description.members:
         raise BundleError(f"{path} describes no {ARCHITECTURE} members")
