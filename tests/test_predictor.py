@@ -20,6 +20,7 @@ from species_classifier.ensemble import (
     PADDED_SIZES,
     Ensemble,
     PaddedBatches,
+    cpu_forward,
     cuda_graph_forward,
     frozen_graph,
     padded_sizes,
@@ -118,6 +119,25 @@ def test_a_failed_graph_capture_serves_eager_with_one_log_line(model_dir, pixels
     assert engine == "eager (graph capture failed)" and dtype == torch.float32
     warnings = [record for record in caplog.records if record.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "CUDA graph capture failed, serving eager" in warnings[0].message
+    with torch.inference_mode():
+        torch.testing.assert_close(forward(pixels), model(pixels), atol=0, rtol=0)
+
+
+def test_a_cpu_candidate_that_fails_is_left_out_with_one_log_line(
+    model_dir, pixels, monkeypatch, caplog
+):
+    def broken(_):
+        raise RuntimeError("no C++ compiler")
+
+    # torch.compile compiles on the first call: stand in for a compile that fails then.
+    monkeypatch.setattr(torch, "compile", lambda model: broken)
+    model = ensemble(model_dir)
+    with caplog.at_level(logging.WARNING, logger="species_classifier.ensemble"):
+        forward, _, engine = cpu_forward(model, IMG_SIZE, 16, engine="eager", compile_model=True)
+    assert engine.startswith("eager (measured at batch 4: eager ")
+    assert [record.message for record in caplog.records] == [
+        "torch.compile left out: RuntimeError: no C++ compiler"
+    ]
     with torch.inference_mode():
         torch.testing.assert_close(forward(pixels), model(pixels), atol=0, rtol=0)
 

@@ -32,7 +32,9 @@ _log = logging.getLogger(__name__)
 
 # Batch sizes captured as CUDA graphs; a batch is padded to the next one.
 PADDED_SIZES = (1, 2, 4, 8, 16, 32, 64)
-# Start-up measurement: one warm-up call, then the best of this many.
+# Start-up measurement: warm-up calls (TorchScript profiles a graph on its first call and
+# optimises it on the second), then the best of MEASURE_REPEATS.
+MEASURE_WARM_UP_CALLS = 2
 MEASURE_REPEATS = 3
 # The CPU candidates are timed at this batch size (or the max batch, when smaller): under
 # load a CPU worker's batches are a few photos each.
@@ -150,6 +152,8 @@ def cuda_graph_forward(
     engine: str,
     compile_model: bool,
 ) -> tuple[Forward, torch.dtype, str]:
+    """CUDA graphs of `model` (compiled first if asked) for the padded batch sizes up to
+    max_batch; eager when `engine` says so or when anything in the capture fails."""
     eager = _eager(model)
     if engine == "eager":
         return eager, model.dtype, "eager"
@@ -173,6 +177,8 @@ def cuda_graph_forward(
 def cpu_forward(
     model: Ensemble, img_size: int, max_batch: int, engine: str, compile_model: bool
 ) -> tuple[Forward, torch.dtype, str]:
+    """The fastest of the candidates that `engine` and `compile_model` allow, timed here;
+    a candidate that fails to build or run is left out with a warning."""
     example = _example(torch.device("cpu"), img_size, min(max_batch, CPU_MEASURE_BATCH))
     candidates: dict[str, Forward] = {}
     if engine in ("auto", "eager"):
@@ -188,7 +194,16 @@ def cpu_forward(
     if len(candidates) == 1:
         ((name, forward),) = candidates.items()
         return forward, model.dtype, name
-    timings = {name: _seconds_per_call(forward, example) for name, forward in candidates.items()}
+    timings = {}
+    for name, forward in candidates.items():
+        try:
+            timings[name] = _seconds_per_call(forward, example)
+        except Exception as error:  # noqa: BLE001 - e.g. inductor without a C++ compiler
+            if name == "eager":
+                raise
+            _log.warning("%s left out: %s: %s", name, type(error).__name__, error)
+    if not timings:
+        return _eager(model), model.dtype, "eager (no other form ran)"
     best = min(timings, key=timings.get)
     measured = f"measured at batch {len(example)}: {_format_timings(timings)}"
     return candidates[best], model.dtype, f"{best} ({measured})"
@@ -287,7 +302,8 @@ def _example(device: torch.device, img_size: int, batch: int) -> torch.Tensor:
 
 
 def _seconds_per_call(forward: Forward, example: torch.Tensor) -> float:
-    forward(example)
+    for _ in range(MEASURE_WARM_UP_CALLS):
+        forward(example)
     best = float("inf")
     for _ in range(MEASURE_REPEATS):
         started = time.perf_counter()
