@@ -6,8 +6,8 @@ log line and a non-zero exit, not a loop of crashing workers. Each worker (gthre
 request threads, one batching thread) then loads the bundle onto its own device, builds
 its fastest forward function there (CUDA graphs captured, or the faster CPU form
 measured: ensemble.py) and warms it up before it accepts a connection, so /ping answers
-200 only once the model is ready. SIGTERM is gunicorn's graceful stop: requests in flight finish, within the 30 s
-SageMaker leaves before SIGKILL.
+200 only once the model is ready. SIGTERM is gunicorn's graceful stop: requests in flight
+finish, within the 30 s SageMaker leaves before SIGKILL.
 """
 
 from __future__ import annotations
@@ -257,7 +257,7 @@ def main() -> int:
         config.max_batch,
         config.timeout_s,
         config.max_payload_mb,
-        str(config.dtype).removeprefix("torch.") if config.dtype else "measured",
+        str(config.dtype).removeprefix("torch.") if config.dtype else "auto",
         config.engine,
         ", torch.compile" if config.compile_model else "",
     )
