@@ -86,12 +86,15 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
         )
         self.early_pings: list[str] = []
+        # The server's log as it stood when the first /ping answered 200.
+        self.log_at_first_200: str | None = None
 
     def log(self) -> str:
         return self.log_path.read_text()
 
-    def wait_ready(self, timeout: float = 90) -> None:
-        """Poll /ping until 200; every answer before it is kept in early_pings."""
+    def wait_ready(self, timeout: float = 180) -> None:
+        """Poll /ping until 200; every answer before it is kept in early_pings, and the log
+        as it stood the moment the 200 came in log_at_first_200."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -102,6 +105,7 @@ class ServerProcess:
                 self.early_pings.append(type(error).__name__)
             else:
                 if response.status_code == 200:
+                    self.log_at_first_200 = self.log()
                     return
                 self.early_pings.append(str(response.status_code))
             time.sleep(0.1)

@@ -100,7 +100,7 @@ def test_model_json_carries_the_temperature_and_older_bundles_read_as_one(tmp_pa
     assert read_description(_description(tmp_path / "old")).temperature == 1.0
 
 
-@pytest.mark.parametrize("temperature", [0, -1.5, "hot", None, True])
+@pytest.mark.parametrize("temperature", [0, -1.5, "hot", None, True, float("inf")])
 def test_a_temperature_that_is_not_a_positive_number_is_refused(tmp_path, temperature):
     with pytest.raises(
         BundleError, match=f"has temperature {temperature!r}: it must be a number above 0"

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import requests
+import torch
 from photos import (
     cmyk_jpeg,
     encode,
@@ -22,6 +27,7 @@ from photos import (
     truncated_jpeg,
 )
 from serving_helpers import CLASSES, ServerProcess, b64, make_bundle, photo, run_serve
+from species_classifier.app import discard
 from species_classifier.imaging import PhotoError
 from species_classifier.predictor import Batcher
 from species_classifier.serve import ServerConfig, ServerConfigError
@@ -57,16 +63,19 @@ def assert_answer(answer: dict) -> None:
         "confidence",
         "class_probabilities",
         "individual_fold_predictions",
+        "fold_details",
     }
     probabilities = answer["class_probabilities"]
     assert list(probabilities) == CLASSES
     assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-9)
     assert answer["predicted_species"] == max(probabilities, key=probabilities.get)
     assert answer["confidence"] == probabilities[answer["predicted_species"]]
-    folds = answer["individual_fold_predictions"]
-    assert [fold["fold"] for fold in folds] == ["fold-1", "fold-2", "fold-3"]
-    for fold in folds:
+    details = answer["fold_details"]
+    assert [fold["fold"] for fold in details] == ["fold-1", "fold-2", "fold-3"]
+    for fold in details:
         assert fold["predicted_species"] in CLASSES and 0 < fold["confidence"] <= 1
+    # The seed's key keeps the seed's shape: one species name per fold.
+    assert answer["individual_fold_predictions"] == [fold["predicted_species"] for fold in details]
 
 
 def assert_same_answer(got: dict, expected: dict) -> None:
@@ -83,9 +92,12 @@ def assert_same_answer(got: dict, expected: dict) -> None:
 def test_ping_answers_200_with_an_empty_body_only_once_the_model_is_loaded(server):
     response = requests.get(f"{server.url}/ping", timeout=5)
     assert response.status_code == 200 and response.content == b""
-    assert "200" not in server.early_pings
-    # The worker logs this before it accepts a connection; the first 200 came after it.
-    assert "model loaded: 3 members, 5 classes, 64 px" in server.log()
+    # The worker logs this line once its model is built, measured and warmed up; the log
+    # as it stood when the first /ping answered 200 already held it. A server that
+    # answered before its model was ready would fail here.
+    loaded = "model loaded: 3 members, 5 classes, 64 px, temperature 1, device cpu, float32"
+    assert loaded in server.log_at_first_200
+    assert "frozen graph" in server.log_at_first_200 or "eager" in server.log_at_first_200
 
 
 def test_jpeg_gets_the_seed_answer_with_probabilities_summing_to_one(server):
@@ -188,7 +200,7 @@ ERRORS = {
         "instance 1",
     ),
     "too-big": (413, "image/jpeg", b"\xff" * (6 * MB + 1), {}, "6 MB limit"),
-    "csv": (415, "text/csv", b"1,2,3", {}, "image/jpeg, image/png, application/x-image"),
+    "csv": (415, "text/csv", b"1,2,3", {}, "image/jpeg, image/png, application/x-image, app"),
     "no-content-type": (415, None, photo(9), {}, "no Content-Type"),
     "accept-csv": (406, "image/jpeg", photo(9), {"Accept": "text/csv"}, "application/json"),
 }
@@ -254,6 +266,117 @@ def test_concurrent_requests_are_answered_like_single_requests(server):
         assert_same_answer(second, singles[index + 8])
 
 
+# --- the seed's clients, with nothing but Python's standard library ---
+
+
+def urllib_post(server, body: bytes, content_type: str) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        f"{server.url}/invocations", data=body, headers={"Content-Type": content_type}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_the_seeds_image_jpg_is_answered_like_image_jpeg(server):
+    status, answer = urllib_post(server, photo(50), "image/jpg")
+    assert status == 200, answer
+    assert_answer(answer)
+    assert_same_answer(answer, invoke(server, photo(50)).json())
+
+
+def test_the_seeds_json_client_reads_one_species_name_per_fold(server):
+    body = json.dumps({"image": b64(photo(51))}).encode()
+    status, answer = urllib_post(server, body, "application/json")
+    assert status == 200, answer
+    names = answer["individual_fold_predictions"]
+    assert len(names) == 3 and all(name in CLASSES for name in names)
+    assert [detail["predicted_species"] for detail in answer["fold_details"]] == names
+
+
+def test_a_body_over_the_limit_reaches_urllib_as_a_json_413(server):
+    # urllib sends the whole body before it reads the answer: the server must read it.
+    status, answer = urllib_post(server, b"\xff" * (7 * MB), "image/jpeg")
+    assert status == 413
+    assert "7340032 bytes, over the 6 MB limit" in answer["error"]
+
+
+def test_after_a_413_within_the_discard_bound_the_connection_serves_the_next_request(server):
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    try:
+        for body, status in [(b"\0" * (9 * MB), 413), (photo(52), 200)]:
+            connection.request("POST", "/invocations", body, {"Content-Type": "image/jpeg"})
+            response = connection.getresponse()
+            assert (response.status, response.getheader("Connection")) == (status, "keep-alive")
+            json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def test_a_body_past_the_discard_bound_gets_its_413_and_then_the_connection_closes(server):
+    bound = 4 * 6 * MB
+    declared = bound + 40 * MB
+    sent = 0
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as client:
+        client.sendall(
+            b"POST /invocations HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\n"
+            + f"Content-Length: {declared}\r\n\r\n".encode()
+        )
+
+        def send_body() -> None:
+            nonlocal sent
+            try:
+                while sent < declared:
+                    client.sendall(b"\xff" * MB)
+                    sent += MB
+            except OSError:
+                pass  # the server closed the connection: what this test expects
+
+        sender = threading.Thread(target=send_body)
+        sender.start()
+        received = b""
+        try:
+            while chunk := client.recv(65536):
+                received += chunk
+        except ConnectionResetError:
+            pass
+        sender.join(60)
+    assert received.startswith(b"HTTP/1.1 413"), received[:200]
+    assert b"over the 6 MB limit" in received
+    assert bound <= sent < declared
+
+
+class _SocketBody:
+    """A request body read straight from the socket, as gunicorn reads one."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def read(self, size: int) -> bytes:
+        return self.sock.recv(size)
+
+
+def test_discarding_a_body_stops_at_its_byte_and_time_bounds():
+    server_side, client_side = socket.socketpair()
+    stream = _SocketBody(server_side)
+    with server_side, client_side:
+        # A thread sends: the socket's buffer holds less than the body.
+        sender = threading.Thread(target=client_side.sendall, args=(b"x" * 300_000,))
+        sender.start()
+        assert not discard(stream, 100_000, time.monotonic() + 10, server_side)
+        # The rest arrives and the client stops sending, but keeps the connection open.
+        started = time.monotonic()
+        assert not discard(stream, 10 * MB, time.monotonic() + 0.5, server_side)
+        assert 0.4 < time.monotonic() - started < 5
+        sender.join(5)
+        assert server_side.gettimeout() is None  # gunicorn's blocking socket, as it was
+        client_side.sendall(b"y" * 1000)
+        client_side.shutdown(socket.SHUT_WR)
+        assert discard(stream, 10 * MB, time.monotonic() + 10, server_side)
+
+
 # --- configuration from the environment, and stopping ---
 
 
@@ -264,6 +387,8 @@ def test_environment_configures_workers_payload_limit_and_graceful_sigterm(bundl
         SAGEMAKER_MODEL_SERVER_WORKERS="2",
         SAGEMAKER_MAX_PAYLOAD_IN_MB="1",
         SAGEMAKER_MODEL_SERVER_TIMEOUT="30",
+        # Eager skips measuring the frozen graph in each of the two workers.
+        SPECIES_SERVE_ENGINE="eager",
     )
     try:
         server.wait_ready()
@@ -286,7 +411,7 @@ def test_environment_configures_workers_payload_limit_and_graceful_sigterm(bundl
     finally:
         server.terminate()
     log = server.log()
-    assert log.count("model loaded") == 2
+    assert log.count("float32, eager, max batch 16") == 2
     assert exit_code == 0, log
     # The request was in flight when SIGTERM came, and still got its full answer.
     assert result["answered_at"] > stopped_at
@@ -299,10 +424,22 @@ def test_server_config_defaults_and_errors_that_name_the_variable(tmp_path):
     assert config.model_dir == tmp_path / "model"
     assert (config.port, config.timeout_s, config.max_payload_mb) == (8080, 60, 6)
     assert config.workers >= 1
+    assert (config.dtype, config.engine, config.compile_model) == (None, "auto", False)
+    config = ServerConfig.from_environment(
+        {
+            "SPECIES_SERVE_DTYPE": "BFloat16",
+            "SPECIES_SERVE_ENGINE": "graph",
+            "SPECIES_SERVE_COMPILE": "1",
+        }
+    )
+    assert (config.dtype, config.engine, config.compile_model) == (torch.bfloat16, "graph", True)
     for name, value in [
         ("SAGEMAKER_MODEL_SERVER_WORKERS", "two"),
         ("SAGEMAKER_BIND_TO_PORT", "70000"),
         ("SAGEMAKER_MAX_PAYLOAD_IN_MB", "0"),
+        ("SPECIES_SERVE_DTYPE", "fp8"),
+        ("SPECIES_SERVE_ENGINE", "fast"),
+        ("SPECIES_SERVE_COMPILE", "yes"),
     ]:
         with pytest.raises(ServerConfigError, match=name):
             ServerConfig.from_environment({name: value})

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import logging
 import re
+import socket
+import time
+from typing import BinaryIO
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
@@ -22,10 +26,18 @@ from species_classifier.predictor import Batcher
 _log = logging.getLogger(__name__)
 
 IMAGE_TYPES = ("image/jpeg", "image/png", "application/x-image")
+# Not a registered type, but clients send it and the seed accepted it; not advertised.
+UNREGISTERED_IMAGE_TYPES = ("image/jpg",)
 JSON_TYPE = "application/json"
 ACCEPTED_TYPES = (*IMAGE_TYPES, JSON_TYPE)
 CUSTOM_ATTRIBUTES = "X-Amzn-SageMaker-Custom-Attributes"
 MEBIBYTE = 1024 * 1024
+# An oversized body is read and thrown away before the 413, up to this many times the limit
+# or this many seconds (nginx's lingering close): a client that sends the whole body before
+# it reads the answer (Python's urllib, most scripts) then sees the 413, not a broken pipe.
+DISCARD_LIMIT_FACTOR = 4
+DISCARD_SECONDS = 30.0
+_DISCARD_CHUNK = 64 * 1024
 _DATA_URL_PREFIX = re.compile(r"^data:[^,]*;base64,", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
 
@@ -71,12 +83,14 @@ def create_app(
     def invocations() -> Response:
         length = request.content_length
         if length is not None and length > max_bytes:
+            _discard_rest(max_bytes, already_read=0)
             raise RequestRejected(413, f"request body is {length} bytes, {too_large}")
         # Read the body before any other refusal: a body left unread makes gunicorn close a
         # connection it has just called keep-alive. Reading one byte past the limit catches
         # chunked bodies, which announce no length.
         body = request.stream.read(max_bytes + 1)
         if len(body) > max_bytes:
+            _discard_rest(max_bytes, already_read=len(body))
             raise RequestRejected(413, f"request body is {too_large}")
         _check_accept()
         bodies, single = _photos_from_request(body)
@@ -115,6 +129,45 @@ def create_app(
     return app
 
 
+def _discard_rest(max_bytes: int, already_read: int) -> None:
+    """Read and drop the rest of an oversized body, up to DISCARD_LIMIT_FACTOR x the limit
+    in all and DISCARD_SECONDS. Past either bound the body stays unread, and gunicorn closes
+    the connection after the 413 instead of keeping it alive."""
+    discard(
+        request.stream,
+        DISCARD_LIMIT_FACTOR * max_bytes - already_read,
+        time.monotonic() + DISCARD_SECONDS,
+        request.environ.get("gunicorn.socket"),
+    )
+
+
+def discard(stream: BinaryIO, max_bytes: int, deadline: float, sock: socket.socket | None) -> bool:
+    """Read `stream` to its end and drop it; False when `max_bytes` or the monotonic
+    `deadline` came first. `sock`, the connection under the stream when known, gets a
+    timeout so a client that stops sending cannot hold the thread past the deadline."""
+    prior_timeout = sock.gettimeout() if sock is not None else None
+    remaining_bytes = max_bytes
+    try:
+        while remaining_bytes > 0:
+            remaining_seconds = deadline - time.monotonic()
+            if remaining_seconds <= 0:
+                return False
+            if sock is not None:
+                sock.settimeout(remaining_seconds)
+            try:
+                chunk = stream.read(min(_DISCARD_CHUNK, remaining_bytes))
+            except OSError:  # the socket's timeout, or a client that went away
+                return False
+            if not chunk:
+                return True
+            remaining_bytes -= len(chunk)
+        return False
+    finally:
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.settimeout(prior_timeout)
+
+
 def _check_accept() -> None:
     if request.headers.get("Accept") and request.accept_mimetypes.quality(JSON_TYPE) <= 0:
         raise RequestRejected(
@@ -127,7 +180,7 @@ def _check_accept() -> None:
 def _photos_from_request(body: bytes) -> tuple[list[bytes], bool]:
     """The photos' encoded bytes, and whether the request holds exactly one photo."""
     mimetype = request.mimetype
-    if mimetype in IMAGE_TYPES:
+    if mimetype in IMAGE_TYPES or mimetype in UNREGISTERED_IMAGE_TYPES:
         if not body:
             raise RequestRejected(400, f"empty body: send the photo's bytes as {mimetype}")
         return [body], True

@@ -1,9 +1,9 @@
 """Prediction for the endpoint: the model bundle loaded once, and request batching.
 
-`Predictor` owns the networks and the device settings: it reads model.json (classes, input
-size, normalisation: no second copy of those constants), moves every member to the
-device once, and turns a list of decoded photos into the seed's answer per photo (mean of
-the members' softmax probabilities). `Batcher` owns the queue between request threads and
+`Predictor` owns the model on its device: it reads model.json (classes, input size,
+normalisation, temperature: no second copy of those constants), builds the ensemble's
+fastest forward function for the device once (ensemble.py), and turns a list of decoded
+photos into the seed's answer per photo (argmax of the mean of the members' probabilities). `Batcher` owns the queue between request threads and
 the model: each request thread decodes its own photos, then one batching thread per
 worker process runs whatever is waiting as one forward pass, so eight concurrent requests
 cost one batch of eight, not eight batches of one.
@@ -11,7 +11,6 @@ cost one batch of eight, not eight batches of one.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
@@ -25,7 +24,8 @@ import numpy as np
 import torch
 
 from species_classifier.artifacts import load_members, read_description
-from species_classifier.imaging import PhotoError, decode_photo, normalize
+from species_classifier.ensemble import Ensemble, build_forward
+from species_classifier.imaging import PhotoError, decode_photo
 
 _log = logging.getLogger(__name__)
 
@@ -66,7 +66,13 @@ class Predictor:
         device: torch.device | None = None,
         max_batch: int | None = None,
         cpu_threads: int | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        engine: str = "auto",
+        compile_model: bool = False,
     ) -> None:
+        """`dtype`, `engine` and `compile_model` are build_forward's: None and "auto"
+        measure at start-up what is fastest on this device."""
         self.description = read_description(model_dir)
         self.classes = list(self.description.classes)
         self.img_size = self.description.img_size
@@ -75,23 +81,33 @@ class Predictor:
         self.max_batch = max_batch or default_max_batch(self.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-            # bf16 keeps fp32's range, so softmax outputs need no loss scaling or care.
-            self.autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else None
         else:
-            # Reduced precision on CPUs is slower or unsupported on most; fp32 is exact.
-            self.autocast_dtype = None
             torch.set_num_threads(cpu_threads or usable_cpus())
-        self.networks = [
-            network.to(self.device, memory_format=torch.channels_last)
-            for network in load_members(model_dir, self.description)
-        ]
+        ensemble = Ensemble(
+            load_members(model_dir, self.description),
+            self.description.mean,
+            self.description.std,
+            self.description.temperature,
+        )
+        self.built = build_forward(
+            ensemble,
+            self.device,
+            self.img_size,
+            self.max_batch,
+            dtype=dtype,
+            engine=engine,
+            compile_model=compile_model,
+        )
         _log.info(
-            "model loaded: %d members, %d classes, %d px, device %s, %s, max batch %d%s",
-            len(self.networks),
+            "model loaded: %d members, %d classes, %d px, temperature %g, device %s, %s, %s, "
+            "max batch %d%s",
+            len(self.member_names),
             len(self.classes),
             self.img_size,
+            self.description.temperature,
             self.device,
-            f"{self.autocast_dtype} autocast" if self.autocast_dtype else "fp32",
+            str(self.built.dtype).removeprefix("torch."),
+            self.built.engine,
             self.max_batch,
             "" if self.device.type == "cuda" else f", {torch.get_num_threads()} threads",
         )
@@ -108,24 +124,17 @@ class Predictor:
         """One answer per photo, in the seed's format; batches of at most max_batch."""
         answers = []
         for start in range(0, len(images), self.max_batch):
-            member_probs = self._probabilities(images[start : start + self.max_batch])
+            member_probs = self.probabilities(images[start : start + self.max_batch])
             answers.extend(self._answers(member_probs))
         return answers
 
-    def _probabilities(self, images: list[np.ndarray]) -> np.ndarray:
-        """members x photos x classes softmax probabilities, float64 on the host."""
+    def probabilities(self, images: list[np.ndarray]) -> np.ndarray:
+        """members x photos x classes probabilities, float64 on the host."""
         pixels = torch.from_numpy(np.stack(images))
         if self.device.type == "cuda":
             pixels = pixels.pin_memory().to(self.device, non_blocking=True)
-        batch = normalize(pixels, self.description.mean, self.description.std)
-        precision = (
-            torch.autocast(self.device.type, dtype=self.autocast_dtype)
-            if self.autocast_dtype
-            else contextlib.nullcontext()
-        )
-        with torch.inference_mode(), precision:
-            probs = [torch.softmax(net(batch).float(), dim=1) for net in self.networks]
-            return torch.stack(probs).double().cpu().numpy()
+        # Read at once: a captured graph's output is overwritten by the next batch.
+        return self.built.forward(pixels).cpu().double().numpy()
 
     def _answers(self, member_probs: np.ndarray) -> list[dict]:
         mean = member_probs.mean(axis=0)
@@ -135,10 +144,10 @@ class Predictor:
         answers = []
         for photo, probs in enumerate(mean):
             best = int(probs.argmax())
-            members = []
+            details = []
             for name, member in zip(self.member_names, member_probs[:, photo], strict=True):
                 top = int(member.argmax())
-                members.append(
+                details.append(
                     {
                         "fold": name,
                         "predicted_species": self.classes[top],
@@ -150,7 +159,9 @@ class Predictor:
                     "predicted_species": self.classes[best],
                     "confidence": float(probs[best]),
                     "class_probabilities": dict(zip(self.classes, probs.tolist(), strict=True)),
-                    "individual_fold_predictions": members,
+                    # The seed's key and shape: one species name per member.
+                    "individual_fold_predictions": [d["predicted_species"] for d in details],
+                    "fold_details": details,
                 }
             )
         return answers

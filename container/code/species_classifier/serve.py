@@ -3,10 +3,11 @@
 The master process reads the environment and loads the model bundle once on the CPU
 before forking, so a missing or broken bundle stops the server at once with one clear
 log line and a non-zero exit, not a loop of crashing workers. Each worker (gthread: many
-request threads, one batching thread) then loads the bundle onto its own device and
-warms it up before it accepts a connection, so /ping answers 200 only once the model is
-ready. SIGTERM is gunicorn's graceful stop: requests in flight finish, within the 30 s
-SageMaker leaves before SIGKILL.
+request threads, one batching thread) then loads the bundle onto its own device, builds
+its fastest forward function there (CUDA graphs captured, or the faster CPU form
+measured: ensemble.py) and warms it up before it accepts a connection, so /ping answers
+200 only once the model is ready. SIGTERM is gunicorn's graceful stop: requests in flight
+finish, within the 30 s SageMaker leaves before SIGKILL.
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ WORKERS_ENV = "SAGEMAKER_MODEL_SERVER_WORKERS"
 TIMEOUT_ENV = "SAGEMAKER_MODEL_SERVER_TIMEOUT"
 PAYLOAD_ENV = "SAGEMAKER_MAX_PAYLOAD_IN_MB"
 MAX_BATCH_ENV = "MODEL_SERVER_MAX_BATCH"
+DTYPE_ENV = "SPECIES_SERVE_DTYPE"
+ENGINE_ENV = "SPECIES_SERVE_ENGINE"
+COMPILE_ENV = "SPECIES_SERVE_COMPILE"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ENGINES = ("auto", "eager", "graph")
 
 DEFAULT_PORT = 8080
 DEFAULT_TIMEOUT_S = 60
@@ -66,6 +73,9 @@ class ServerConfig:
     timeout_s: int
     max_payload_mb: int
     max_batch: int
+    dtype: torch.dtype | None = None  # None: measured at start-up
+    engine: str = "auto"
+    compile_model: bool = False
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] = os.environ) -> ServerConfig:
@@ -78,6 +88,9 @@ class ServerConfig:
             timeout_s=_positive_int(environ, TIMEOUT_ENV, DEFAULT_TIMEOUT_S),
             max_payload_mb=_positive_int(environ, PAYLOAD_ENV, DEFAULT_PAYLOAD_MB, upper=100),
             max_batch=_positive_int(environ, MAX_BATCH_ENV, default_max_batch(device)),
+            dtype=DTYPES.get(_choice(environ, DTYPE_ENV, ("auto", *DTYPES))),
+            engine=_choice(environ, ENGINE_ENV, ENGINES),
+            compile_model=_choice(environ, COMPILE_ENV, ("0", "1")) == "1",
         )
 
     @property
@@ -109,6 +122,19 @@ def _positive_int(
             f"{name}={raw!r} is not valid: set it to {limit}, or unset it for {default}"
         )
     return value
+
+
+def _choice(environ: Mapping[str, str], name: str, allowed: tuple[str, ...]) -> str:
+    """The variable's value, one of `allowed`; unset or empty is the first."""
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return allowed[0]
+    if raw.lower() not in allowed:
+        raise ServerConfigError(
+            f"{name}={raw!r} is not valid: set it to one of {', '.join(allowed)}, or unset it "
+            f"for {allowed[0]}"
+        )
+    return raw.lower()
 
 
 def check_bundle(model_dir: Path) -> None:
@@ -196,6 +222,9 @@ class ModelServer(BaseApplication):
                 device=choose_device(self._worker.device_slot),
                 max_batch=config.max_batch,
                 cpu_threads=max(1, usable_cpus() // config.workers),
+                dtype=config.dtype,
+                engine=config.engine,
+                compile_model=config.compile_model,
             )
             predictor.warm_up()
         return create_app(
@@ -220,7 +249,7 @@ def main() -> int:
         return EXIT_CONFIG_ERROR
     _log.info(
         "serving %s on port %d: %d worker(s) x %d threads, max batch %d, timeout %d s, "
-        "payload limit %d MB",
+        "payload limit %d MB, dtype %s, engine %s%s",
         config.model_dir,
         config.port,
         config.workers,
@@ -228,6 +257,9 @@ def main() -> int:
         config.max_batch,
         config.timeout_s,
         config.max_payload_mb,
+        str(config.dtype).removeprefix("torch.") if config.dtype else "auto",
+        config.engine,
+        ", torch.compile" if config.compile_model else "",
     )
     # Everything loaded so far lives as long as the process: keep the garbage collector
     # away from it, so forked workers share those pages instead of copying them on every
