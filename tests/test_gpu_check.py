@@ -106,7 +106,9 @@ def test_the_dry_run_runs_every_stage_and_writes_what_a_gpu_run_writes(wheels, t
     }, summary
     assert "needs a CUDA GPU: torch sees none" in summary
     assert "NCCL needs two or more" in summary
-    assert re.search(r"our training loop, `compile=true` compiled \(eager\): [\d.,]+ img/s", summary)
+    assert re.search(
+        r"our training loop, `compile=true` compiled \(eager\): [\d.,]+ img/s", summary
+    )
     assert re.search(r"projected 20000 photos, 2 x 20: \d+", summary)
     assert re.search(r"c=2: ours [\d.]+ req/s", summary)
     assert "wheels: 9 wheels and 1 source package(s)" in summary
