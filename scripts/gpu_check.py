@@ -279,10 +279,13 @@ class Check:
         if not self.wanted(name):
             return
         started = time.monotonic()
+        offset = self.log_path.stat().st_size
         status = self.execute(name, command, self.limit(name))
-        text = self.stage_output(name)
+        with self.log_path.open("rb") as log:
+            log.seek(offset)
+            output = log.read().decode(errors="replace")
         self.stages.append(
-            Stage(name, status, time.monotonic() - started, headline(name, text, status))
+            Stage(name, status, time.monotonic() - started, headline(name, output, status))
         )
 
     def skip(self, name: str, reason: str) -> None:
@@ -314,10 +317,6 @@ class Check:
                 return "timed out"
             log.write(f"\n===== {name}: exit code {code}\n")
         return "passed" if code == 0 else "failed"
-
-    def stage_output(self, name: str) -> str:
-        text = self.log_path.read_text()
-        return text[text.rfind(f"===== {name}: ") :]
 
     def append_log(self, name: str, text: str) -> None:
         with self.log_path.open("a") as log:
