@@ -6,25 +6,25 @@ every test here is skipped with that reason, so CI stays green; `make gpu-check`
 on a GPU machine.
 
 Exact resumes need deterministic kernels: cuDNN's fastest backward convolutions sum with
-atomics, in an order that changes from run to run. The resume test runs `train` with
-`torch.use_deterministic_algorithms(True, warn_only=True)` and CUBLAS_WORKSPACE_CONFIG
-set; scripts/bench_training.py measures what that costs ("deterministic algorithms" row).
-warn_only, because the backward of adaptive average pooling (efficientnet's squeeze-and-
-excitation) is flagged as nondeterministic although its 1x1 output takes the atomic-free
-kernel: the test's bit-for-bit comparison is what proves the result repeatable.
+atomics, in an order that changes from run to run. The tests that compare runs bit for bit
+start `train` with deterministic_site/ on PYTHONPATH (its sitecustomize turns on
+`torch.use_deterministic_algorithms` in `train` and in every worker it spawns) and
+CUBLAS_WORKSPACE_CONFIG set; scripts/bench_training.py measures what that costs (its
+"deterministic algorithms" row).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
-import sys
+from pathlib import Path
 
 import pytest
 import requests
 import torch
-from conftest import copy_job, make_job, run_train, train_env
+from conftest import TRAIN, copy_job, make_job, run_train, train_env
 from test_distributed import free_port, with_hyperparameters
 from test_fault_injection import comparable_metrics, same_weights, weights
 
@@ -42,17 +42,18 @@ HYPERPARAMETERS = {
     "img_size": "64",
     "batch_size": "10",
 }
-DETERMINISTIC = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
-DETERMINISTIC_TRAIN = (
-    "import sys, torch; torch.use_deterministic_algorithms(True, warn_only=True); "
-    "from species_classifier.train import main; sys.exit(main())"
-)
+DETERMINISTIC_SITE = Path(__file__).with_name("deterministic_site")
 
 
 def deterministic_train(base, **env: str) -> subprocess.Popen:
+    """`train` (and every worker it spawns) with deterministic kernels: see the folder's
+    sitecustomize.py."""
+    path = [str(DETERMINISTIC_SITE), *filter(None, [os.environ.get("PYTHONPATH")])]
     return subprocess.Popen(
-        [sys.executable, "-c", DETERMINISTIC_TRAIN],
-        env=train_env(base, **DETERMINISTIC, **env),
+        [str(TRAIN)],
+        env=train_env(
+            base, CUBLAS_WORKSPACE_CONFIG=":4096:8", PYTHONPATH=os.pathsep.join(path), **env
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
