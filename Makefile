@@ -87,3 +87,17 @@ predict-local: ## send PHOTO (default: a demo photo) to the local endpoint and p
 	  --data-binary @$(or $(PHOTO),$(firstword $(wildcard $(LOCAL_ML)/input/data/training/images/*/*.jpg))) \
 	  http://localhost:$(PORT)/invocations
 	@echo
+
+# ---- The GPU check: every GPU claim in one prepared run (docs/gpu-check.md) ----
+# A GPU machine may have no .venv and no package index: there its python3 holds torch, and
+# the packages it lacks travel in .whl, which `make gpu-wheels` fills here.
+GPU_PYTHON = $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+GPU_CHECK_ARGS ?=
+
+.PHONY: gpu-wheels gpu-check
+
+gpu-wheels: venv ## download what a GPU machine lacks (CPython 3.12, x86-64) into .whl
+	$(BIN)/python scripts/gpu_check.py --prepare-wheels .whl
+
+gpu-check: ## on a GPU machine: GPU tests and benchmarks in one run (<= 8 min), tables in $$OUT
+	$(GPU_PYTHON) scripts/gpu_check.py $(GPU_CHECK_ARGS)

@@ -2,13 +2,17 @@
 """Training throughput, ours against the seed's way, measured in one run on this machine.
 
 Prints images/s for:
-  1. the model alone on synthetic tensors already on the device (the ceiling),
+  1. the model alone on synthetic tensors already on the device (the ceiling), eager and
+     with torch.compile,
   2. our training loop: uint8 photo cache on the device, batched augmentation, automatic
      precision, channels_last, fused Adam (species_classifier.trainer, as `train` runs it),
+     eager, compiled (`compile=true`) and eager with deterministic algorithms (what exact
+     resumes on a GPU cost),
   3. the seed-style pipeline: JPEG decode + torchvision PIL transforms in a DataLoader with
      4 workers, fp32, batch 64, decoding every photo again every epoch,
 and the wall time of a whole K-fold `train` job on generated ~500 px JPEG photos.
-Defaults are sized for the machine: full size on a GPU, small on a CPU.
+Defaults are sized for the machine: full size on a GPU, small on a CPU. A compiled row's
+"first steps" column is the time its warm-up took: compilation, mostly.
 
     .venv/bin/python scripts/bench_training.py [--output docs/benchmarks/training-cpu.md]
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -26,6 +31,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "container" / "code"))
+# cuBLAS reads this when it creates its handle, before the deterministic row is reached; it
+# only bounds cuBLAS's workspace, which is what deterministic algorithms require.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -47,11 +55,27 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def bench_model_only(device, img_size, batch_size, steps, precision) -> float:
-    """The ceiling: forward + backward + step on tensors that are already normalised on the device."""
+def timed(device, step, warmup_steps: int, steps: int, images_per_step: int):
+    """(images/s over `steps` steps, seconds the warm-up steps took)."""
+    started = time.perf_counter()
+    for _ in range(warmup_steps):
+        step()
+    synchronize(device)
+    warmup = time.perf_counter() - started
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return steps * images_per_step / (time.perf_counter() - started), warmup
+
+
+def bench_model_only(device, img_size, batch_size, steps, precision, compile_backend=None):
+    """The ceiling: forward + backward + step on tensors that are already normalised on the
+    device; compiled with `compile_backend` when given."""
     model = build_model(NUM_CLASSES, pretrained=False).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    forward = torch.compile(model, backend=compile_backend) if compile_backend else model
     optimizer = torch.optim.Adam(parameter_groups(model, 1e-4), fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -62,44 +86,48 @@ def bench_model_only(device, img_size, batch_size, steps, precision) -> float:
 
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = torch.nn.functional.cross_entropy(model(inputs), labels)
+            loss = torch.nn.functional.cross_entropy(forward(inputs), labels)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
 
-    for _ in range(2):
-        step()
-    synchronize(device)
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    synchronize(device)
-    return steps * batch_size / (time.perf_counter() - started)
+    return timed(device, step, 2, steps, batch_size)
 
 
-def bench_our_loop(device, photos: np.ndarray, batch_size, epochs) -> float:
+def bench_our_loop(
+    device, photos: np.ndarray, batch_size, epochs, compile_backend=None, deterministic=False
+):
+    """Our loop over the photos (whole batches only, so a compiled model sees one shape);
+    compiled as `compile=true` compiles it, with `compile_backend` when that is not inductor."""
     config = TrainingConfig(
         target_species=("x",),
         img_size=photos.shape[1],
         batch_size=batch_size,
         learning_rate=1e-4,
         pretrained=False,
+        compile=compile_backend is not None,
     )
     trainer = FoldTrainer(build_model(NUM_CLASSES, False), config, device, NUM_CLASSES)
-    pixels = torch.from_numpy(photos).to(device)
-    labels = torch.randint(0, NUM_CLASSES, (len(photos),))
-    data = FoldData(pixels, labels, np.arange(len(photos)), np.arange(0))
+    if compile_backend not in (None, "inductor"):
+        trainer.forward = torch.compile(trainer.model, backend=compile_backend)
+    count = max(batch_size, len(photos) - len(photos) % batch_size)
+    pixels = torch.from_numpy(np.resize(photos, (count, *photos.shape[1:]))).to(device)
+    labels = torch.randint(0, NUM_CLASSES, (count,))
+    data = FoldData(pixels, labels, np.arange(count), np.arange(0))
     criterion = torch.nn.CrossEntropyLoss().to(device)
     optimizer = torch.optim.Adam(parameter_groups(trainer.model, 1e-4), fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=trainer.precision == "fp16")
-    trainer._train_epoch(data, criterion, optimizer, scaler, fold=1, epoch=0)  # warm-up
-    synchronize(device)
-    started = time.perf_counter()
-    for epoch in range(1, epochs + 1):
-        trainer._train_epoch(data, criterion, optimizer, scaler, fold=1, epoch=epoch)
-    synchronize(device)
-    return epochs * len(photos) / (time.perf_counter() - started)
+    epoch = iter(range(epochs + 1))
+
+    def run_epoch():
+        trainer._train_epoch(data, criterion, optimizer, scaler, fold=1, epoch=next(epoch))
+
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    try:
+        return timed(device, run_epoch, 1, epochs, count)
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 class SeedStyleDataset(Dataset):
@@ -147,21 +175,42 @@ def bench_seed_style(device, paths, img_size, epochs, workers=4, batch_size=64) 
             loss.backward()
             optimizer.step()
 
-    run_epoch()  # warm-up: workers start, caches fill
-    synchronize(device)
-    started = time.perf_counter()
-    for _ in range(epochs):
-        run_epoch()
-    synchronize(device)
-    return epochs * len(paths) / (time.perf_counter() - started)
+    # Warm-up: workers start, caches fill.
+    return timed(device, run_epoch, 1, epochs, len(paths))
+
+
+def make_job_channel(channel: Path, photos: int, unique_per_species: int) -> int:
+    """A training channel of about `photos` JPEGs: a few generated per species, then hard
+    links to them under new names (every file is still decoded on its own, and generating
+    thousands of photos would take longer than the job)."""
+    csv_path = make_demo_dataset(channel, unique_per_species, photo_size=500)
+    rows = csv_path.read_text().splitlines()
+    header, originals = rows[0], rows[1:]
+    copies = max(1, round(photos / len(originals)))
+    lines = [header]
+    for row in originals:
+        species, image = row.split(",", 1)
+        for copy in range(copies):
+            name = image if copy == 0 else image.replace(".jpg", f"-{copy}.jpg")
+            if copy:
+                os.link(channel / image, channel / name)
+            lines.append(f"{species},{name}")
+    csv_path.write_text("\n".join(lines) + "\n")
+    return len(lines) - 1
+
+
+EPOCH_LINE = re.compile(r"fold=(\d+) epoch=(\d+) .*epoch_s=([\d.]+)")
+DECODE_LINE = re.compile(r"photo cache: (\d+) photos decoded .* in ([\d.]+) s")
 
 
 def bench_job(
-    root: Path, photos_per_species: int, img_size: int, batch_size: int, folds: int, epochs: int
-) -> tuple[float, int, dict]:
-    """Wall time of the real `train` on a generated channel, photo decode included."""
+    root: Path, photos: int, img_size: int, batch_size: int, folds: int, epochs: int
+) -> dict:
+    """Wall time of the real `train` on a generated channel, photo decode included, and
+    where it went: decoding, epochs (train + validation), and the rest (start, report)."""
     base = root / "job"
-    make_demo_dataset(base / "input" / "data" / "training", photos_per_species, photo_size=500)
+    unique = max(1, min(8, photos // 7))
+    photos = make_job_channel(base / "input" / "data" / "training", photos, unique)
     config = base / "input" / "config"
     config.mkdir(parents=True)
     hyperparameters = {
@@ -182,9 +231,37 @@ def bench_job(
     )
     seconds = time.perf_counter() - started
     if result.returncode != 0:
-        raise SystemExit(f"train failed:\n{result.stdout[-3000:]}")
-    photos = len((base / "input" / "data" / "training" / "train.csv").read_text().splitlines()) - 1
-    return seconds, photos, hyperparameters
+        raise SystemExit(f"train failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
+    epoch_seconds = [float(m[3]) for m in EPOCH_LINE.finditer(result.stdout)]
+    decode = DECODE_LINE.search(result.stdout)
+    if len(epoch_seconds) != folds * epochs or decode is None:
+        raise SystemExit(f"train's log lacks the epoch or photo cache lines:\n{result.stdout}")
+    return {
+        "seconds": seconds,
+        "photos": photos,
+        "hyperparameters": hyperparameters,
+        "decode_s": float(decode[2]),
+        "epoch_s": epoch_seconds,
+    }
+
+
+def project_job(job: dict, photos: int, epochs: int, folds: int) -> tuple[float, str]:
+    """The job's time at `photos` x `epochs` x `folds`, scaled from the measured one: decode
+    and steady epochs grow with the photo count; the first epoch's extra (warm-up) and the
+    rest (process start, evaluation, report) are taken as they were."""
+    steady = float(np.median(job["epoch_s"][1:] or job["epoch_s"]))
+    first_extra = max(job["epoch_s"][0] - steady, 0.0)
+    rest = job["seconds"] - job["decode_s"] - sum(job["epoch_s"])
+    scale = photos / job["photos"]
+    decode = job["decode_s"] * scale
+    training = steady * scale * epochs * folds
+    total = rest + decode + first_extra + training
+    formula = (
+        f"{rest:.0f} s start and report + {decode:.0f} s decode ({job['decode_s']:.1f} s x "
+        f"{scale:.1f}) + {first_extra:.0f} s first-epoch warm-up + {folds} x {epochs} epochs x "
+        f"{steady * scale:.1f} s ({steady:.2f} s per measured epoch x {scale:.1f})"
+    )
+    return total, formula
 
 
 def main() -> None:
@@ -196,59 +273,38 @@ def main() -> None:
         "--photos", type=int, default=4096 if gpu else 192, help="photos per loop epoch"
     )
     parser.add_argument("--epochs", type=int, default=3 if gpu else 1, help="timed epochs per loop")
+    parser.add_argument(
+        "--seed-photos", type=int, default=1024 if gpu else 64, help="photos per seed-style epoch"
+    )
+    parser.add_argument("--seed-epochs", type=int, default=1, help="timed seed-style epochs")
     parser.add_argument("--steps", type=int, default=30 if gpu else 6, help="model-only steps")
-    parser.add_argument("--job-photos-per-species", type=int, default=2900 if gpu else 20)
+    parser.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend of the compiled rows (inductor, as `train` uses; 'eager' "
+        "traces without generating code, for a quick CPU run of the script)",
+    )
+    parser.add_argument("--no-compile", action="store_true", help="leave out the compiled rows")
+    parser.add_argument("--job-photos", type=int, default=6000 if gpu else 140)
     parser.add_argument("--job-folds", type=int, default=3)
-    parser.add_argument("--job-epochs", type=int, default=20 if gpu else 2)
-    parser.add_argument("--skip-job", action="store_true")
+    parser.add_argument("--job-epochs", type=int, default=4 if gpu else 2)
+    parser.add_argument("--project-photos", type=int, default=20000)
+    parser.add_argument("--project-epochs", type=int, default=20)
+    parser.add_argument("--skip-job", action="store_true", help="leave out the whole job")
+    parser.add_argument("--skip-loops", action="store_true", help="only the whole job")
     parser.add_argument("--output", type=Path, help="also write the table (markdown) here")
     args = parser.parse_args()
     device = torch.device("cuda" if gpu else "cpu")
     precision = choose_precision("auto", device)
+    backend = None if args.no_compile else args.compile_backend
 
+    lines = [f"Machine: {describe()}"]
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
-        make_demo_dataset(root / "photos", max(1, args.photos // 7), photo_size=500)
-        paths = sorted((root / "photos" / "images").rglob("*.jpg"))
-        cache = np.stack([decode_photo(p, args.img_size) for p in paths])
-
-        ceiling = bench_model_only(device, args.img_size, args.batch_size, args.steps, precision)
-        ours = bench_our_loop(device, cache, args.batch_size, args.epochs)
-        seed = bench_seed_style(device, paths, args.img_size, args.epochs)
-        job = (
-            None
-            if args.skip_job
-            else bench_job(
-                root,
-                args.job_photos_per_species,
-                args.img_size,
-                args.batch_size,
-                args.job_folds,
-                args.job_epochs,
-            )
-        )
-
-    lines = [
-        f"Machine: {describe()}",
-        f"Settings: img_size {args.img_size}, efficientnet_b1, {len(paths)} photos of ~500 px, "
-        f"our batch {args.batch_size} in {precision}, seed-style batch 64 fp32 with 4 DataLoader workers",
-        "",
-        "| what | images/s | vs ceiling | vs seed-style |",
-        "|---|---|---|---|",
-        f"| model alone, synthetic tensors on the device (ceiling) | {ceiling:,.0f} | 100% | {ceiling / seed:.1f}x |",
-        f"| our training loop (cache + device augmentation) | {ours:,.0f} | {ours / ceiling:.0%} | {ours / seed:.1f}x |",
-        f"| seed-style pipeline (PIL decode every epoch, DataLoader) | {seed:,.0f} | {seed / ceiling:.0%} | 1.0x |",
-    ]
-    if job is not None:
-        seconds, photos, hyper = job
-        images = photos * (args.job_folds - 1) / args.job_folds * args.job_epochs * args.job_folds
-        lines += [
-            "",
-            f"Whole job: `train` with {args.job_folds} folds x {args.job_epochs} epochs on {photos} "
-            f"generated 500 px JPEGs (img_size {hyper['img_size']}, batch {hyper['batch_size']}): "
-            f"{seconds:.0f} s wall, photo decode and process start included; the seed-style "
-            f"pipeline's rate would need about {images / seed:.0f} s for its training passes alone.",
-        ]
+        if not args.skip_loops:
+            lines += loop_table(device, precision, root, backend, args)
+        if not args.skip_job:
+            lines += job_table(root, args)
     table = "\n".join(lines)
     print(table)
     if args.output:
@@ -257,6 +313,77 @@ def main() -> None:
             f"# Training throughput\n\nMeasured {time.strftime('%Y-%m-%d')} "
             f"with `scripts/bench_training.py`.\n\n{table}\n"
         )
+
+
+def loop_table(device, precision, root: Path, backend, args) -> list[str]:
+    # A few generated photos, each used many times: generating thousands of 500 px JPEGs
+    # would take minutes, and every use still decodes (seed-style) or augments (ours) anew.
+    make_demo_dataset(root / "photos", max(1, min(16, args.photos // 7)), photo_size=500)
+    unique = sorted((root / "photos" / "images").rglob("*.jpg"))
+    cache = np.resize(
+        np.stack([decode_photo(p, args.img_size) for p in unique]),
+        (args.photos, args.img_size, args.img_size, 3),
+    )
+    paths = (unique * (args.seed_photos // len(unique) + 1))[: args.seed_photos]
+    size, batch = args.img_size, args.batch_size
+    rows = [("model alone, synthetic tensors on the device (ceiling)", "eager")]
+    results = [bench_model_only(device, size, batch, args.steps, precision)]
+    if backend:
+        rows.append(("model alone, synthetic tensors on the device", f"compiled ({backend})"))
+        results.append(bench_model_only(device, size, batch, args.steps, precision, backend))
+    rows.append(("our training loop (cache + device augmentation)", "eager"))
+    results.append(bench_our_loop(device, cache, batch, args.epochs))
+    if backend:
+        rows.append(("our training loop, `compile=true`", f"compiled ({backend})"))
+        results.append(bench_our_loop(device, cache, batch, args.epochs, backend))
+    rows.append(("our training loop, deterministic algorithms", "eager"))
+    results.append(bench_our_loop(device, cache, batch, args.epochs, deterministic=True))
+    rows.append(("seed-style pipeline (PIL decode every epoch, DataLoader)", "eager, fp32"))
+    results.append(bench_seed_style(device, paths, size, args.seed_epochs))
+    ceiling = max(rate for rate, _ in results[: 2 if backend else 1])
+    seed = results[-1][0]
+    table = [
+        f"Settings: img_size {size}, efficientnet_b1, {len(unique)} generated ~500 px photos "
+        f"used over and over: our loop {len(cache)} per epoch, batch {batch}, {precision}; "
+        f"seed-style {len(paths)} per epoch, batch 64, fp32, 4 DataLoader workers; "
+        "the ceiling is the faster model-alone row; CUBLAS_WORKSPACE_CONFIG=:4096:8 for all rows",
+        "",
+        "| what | mode | images/s | vs ceiling | vs seed-style | first steps s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (what, mode), (rate, warmup) in zip(rows, results, strict=True):
+        table.append(
+            f"| {what} | {mode} | {rate:,.1f} | {rate / ceiling:.0%} | {rate / seed:.1f}x "
+            f"| {warmup:.1f} |"
+        )
+    return ["", *table]
+
+
+def job_table(root: Path, args) -> list[str]:
+    job = bench_job(
+        root, args.job_photos, args.img_size, args.batch_size, args.job_folds, args.job_epochs
+    )
+    hyper = job["hyperparameters"]
+    projected, formula = project_job(job, args.project_photos, args.project_epochs, args.job_folds)
+    trained = job["photos"] * (args.job_folds - 1) / args.job_folds
+    return [
+        "",
+        f"Whole job: `train` with {args.job_folds} folds x {args.job_epochs} epochs on "
+        f"{job['photos']} ~500 px JPEGs (generated, then hard-linked copies; img_size "
+        f"{hyper['img_size']}, batch {hyper['batch_size']}, automatic precision and cache place)",
+        "",
+        "| job | photos | folds x epochs | wall s | decode s | median epoch s | train images/s |",
+        "|---|---|---|---|---|---|---|",
+        f"| measured | {job['photos']} | {args.job_folds} x {args.job_epochs} | "
+        f"{job['seconds']:.0f} | {job['decode_s']:.1f} | {np.median(job['epoch_s']):.2f} | "
+        f"{trained / np.median(job['epoch_s']):,.1f} |",
+        f"| projected | {args.project_photos} | {args.job_folds} x {args.project_epochs} | "
+        f"{projected:.0f} ({projected / 60:.1f} min) | | | |",
+        "",
+        f"Projection: {formula}; every epoch run (no early stopping), times linear in the "
+        "photo count, the cache placed as in the measured job. 'train images/s' counts the "
+        "fold's training photos over a whole epoch, validation included.",
+    ]
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ another thread count, and the comparison is bit for bit.
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import re
 import signal
 import socket
@@ -18,6 +20,12 @@ import psutil
 import pytest
 from conftest import TRAIN, copy_job, failure_text, make_job, run_train, train_env
 from species_classifier.artifacts import load_members, read_description
+from species_classifier.distributed import (
+    LOOPBACK_ADDRESS,
+    Topology,
+    rendezvous_address,
+    wait_for_hosts,
+)
 from test_fault_injection import comparable_metrics, same_weights, weights
 
 HYPERPARAMETERS = {"k_folds": "3", "num_epochs": "2", "img_size": "32", "batch_size": "8"}
@@ -148,3 +156,45 @@ def test_refit_trains_one_model_on_all_photos_across_workers(pristine, tmp_path)
         "Served model: one model refit on all photos"
         in (base / "output" / "data" / "report.md").read_text()
     )
+
+
+def test_one_host_with_a_name_that_never_resolves_meets_on_loopback(
+    pristine, single_worker, tmp_path, summary
+):
+    """SageMaker's resourceconfig.json for one instance: its name and interface need not exist."""
+    base = copy_job(pristine, tmp_path / "opt_ml")
+    with_hyperparameters(base, workers_per_host="2")
+    config = {"current_host": "algo-1", "hosts": ["algo-1"], "network_interface_name": "ethwe"}
+    (base / "input" / "config" / "resourceconfig.json").write_text(json.dumps(config))
+    with pytest.raises(socket.gaierror):
+        socket.gethostbyname("algo-1")
+    started = time.monotonic()
+    result = run_train(base, MASTER_PORT=free_port(), **ONE_THREAD)
+    seconds = time.monotonic() - started
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"rendezvous at {LOOPBACK_ADDRESS}:" in result.stdout
+    assert "waiting for host" not in result.stdout
+    assert comparable_metrics(base) == comparable_metrics(single_worker)
+    summary(
+        f"distributed: 1 host named algo-1 (unresolvable), 2 workers: met on loopback, "
+        f"finished in {seconds:.0f} s with the single worker's results"
+    )
+
+
+def test_only_a_multi_host_job_rendezvous_at_the_leader():
+    one = Topology(hosts=("algo-1",), current_host="algo-1", workers_per_host=8)
+    two = Topology(hosts=("algo-1", "algo-2"), current_host="algo-2", workers_per_host=8)
+    assert rendezvous_address(one) == LOOPBACK_ADDRESS
+    assert rendezvous_address(two) == "algo-1"
+
+
+def test_waiting_for_hosts_says_what_it_waits_for_at_once_and_then_every_interval(caplog):
+    caplog.set_level(logging.INFO, logger="species_classifier.distributed")
+    started = time.time()
+    with pytest.raises(RuntimeError, match=r"host algo-2\.invalid did not resolve within 1 s"):
+        wait_for_hosts(("localhost", "algo-2.invalid"), timeout_s=1.0, log_every_s=0.3, poll_s=0.05)
+    waits = [r for r in caplog.records if "waiting for host algo-2.invalid" in r.getMessage()]
+    assert waits and waits[0].created - started < 0.2, "the first line must come at once"
+    gaps = [b.created - a.created for a, b in itertools.pairwise(waits)]
+    assert len(waits) >= 3 and all(0.25 <= gap < 0.6 for gap in gaps), gaps
+    assert not any("localhost" in r.getMessage() for r in caplog.records)

@@ -6,7 +6,9 @@ K-fold cross-validation is embarrassingly parallel: fold k is trained by worker
 /opt/ml/output. The workers are started by torchrun's engine (`elastic_launch`, static
 rendezvous on the leader, one worker per GPU or `workers_per_host` on CPU), NCCL on GPUs
 and gloo on CPUs; results travel over a gloo group, which carries Python objects between
-hosts whatever the devices.
+hosts whatever the devices. A single-host job rendezvous on the loopback address and needs
+no name resolution at all: SageMaker's host names may resolve only minutes after the
+container starts, and never outside SageMaker.
 
 A fold's result depends only on (seed, fold, data), never on which worker trained it, so
 one worker and sixteen give the same per-fold metrics.
@@ -30,6 +32,10 @@ _log = logging.getLogger(__name__)
 
 DEFAULT_MASTER_PORT = 7777  # as SageMaker's PyTorch containers use
 HOST_RESOLUTION_TIMEOUT_S = 15 * 60
+HOST_WAIT_LOG_EVERY_S = 30
+HOST_POLL_S = 5
+LOOPBACK_ADDRESS = "127.0.0.1"
+LOOPBACK_INTERFACE = "lo"
 COLLECTIVE_TIMEOUT = timedelta(minutes=60)
 
 
@@ -69,20 +75,44 @@ def read_topology(resource_config: Path, workers_per_host: int) -> Topology:
     )
 
 
-def wait_for_hosts(hosts: tuple[str, ...], timeout_s: float = HOST_RESOLUTION_TIMEOUT_S) -> None:
-    """SageMaker's hostnames may resolve only some time after the container starts."""
-    deadline = time.monotonic() + timeout_s
+def rendezvous_address(topology: Topology) -> str:
+    """Where the workers meet: the loopback address on one host, else the leader's name."""
+    return LOOPBACK_ADDRESS if len(topology.hosts) == 1 else topology.leader
+
+
+def wait_for_hosts(
+    hosts: tuple[str, ...],
+    timeout_s: float = HOST_RESOLUTION_TIMEOUT_S,
+    log_every_s: float = HOST_WAIT_LOG_EVERY_S,
+    poll_s: float = HOST_POLL_S,
+) -> None:
+    """SageMaker's host names may resolve only some time after the container starts: wait,
+    saying what for at once and every `log_every_s`, so a stuck job never looks idle."""
+    started = time.monotonic()
+    deadline = started + timeout_s
+    next_log = started
     for host in hosts:
         while True:
             try:
                 socket.gethostbyname(host)
                 break
             except socket.gaierror:
-                if time.monotonic() > deadline:
+                now = time.monotonic()
+                if now > deadline:
                     raise RuntimeError(
-                        f"host {host} did not resolve within {timeout_s:.0f} s"
+                        f"host {host} did not resolve within {timeout_s:.0f} s: the job's hosts "
+                        f"{list(hosts)} must reach each other by name"
                     ) from None
-                time.sleep(5)
+                if now >= next_log:
+                    _log.info(
+                        "distributed: waiting for host %s to resolve (%.0f s so far, giving up "
+                        "after %.0f s)",
+                        host,
+                        now - started,
+                        timeout_s,
+                    )
+                    next_log = now + log_every_s
+                time.sleep(poll_s)
 
 
 @dataclass(frozen=True)
@@ -147,18 +177,22 @@ def launch(topology: Topology, run_id: str, entrypoint, *args) -> None:
     """Start `entrypoint(*args)` in every worker of this host; raise if any of them fails."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    if topology.network_interface:
-        os.environ.setdefault("NCCL_SOCKET_IFNAME", topology.network_interface)
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", topology.network_interface)
-    wait_for_hosts(topology.hosts)
+    address = rendezvous_address(topology)
+    # One host talks to itself over loopback; several over the interface SageMaker names.
+    interface = LOOPBACK_INTERFACE if address == LOOPBACK_ADDRESS else topology.network_interface
+    if interface:
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", interface)
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
+    if address != LOOPBACK_ADDRESS:
+        wait_for_hosts(topology.hosts)
     port = int(os.environ.get("MASTER_PORT", DEFAULT_MASTER_PORT))
     _log.info(
-        "distributed: host %s is node %d of %s, %d worker(s) per host, leader %s:%d",
+        "distributed: host %s is node %d of %s, %d worker(s) per host, rendezvous at %s:%d",
         topology.current_host,
         topology.node_rank,
         list(topology.hosts),
         topology.workers_per_host,
-        topology.leader,
+        address,
         port,
     )
     config = LaunchConfig(
@@ -167,7 +201,7 @@ def launch(topology: Topology, run_id: str, entrypoint, *args) -> None:
         nproc_per_node=topology.workers_per_host,
         run_id=run_id,
         rdzv_backend="static",
-        rdzv_endpoint=f"{topology.leader}:{port}",
+        rdzv_endpoint=f"{address}:{port}",
         rdzv_configs={"rank": topology.node_rank, "timeout": HOST_RESOLUTION_TIMEOUT_S},
         max_restarts=0,
         monitor_interval=1,
