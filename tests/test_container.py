@@ -311,11 +311,21 @@ def test_sagemaker_sdk_local_mode_trains_and_serves(
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
     }
-    ran = subprocess.run(
-        [str(sdk_python), str(REPO / "tests" / "sdk_local_mode.py"), image, str(channel),
-         str(tmp_path / "output"), str(free_port()), str(photo), json.dumps(HYPERPARAMETERS)],
-        env=env, capture_output=True, text=True, timeout=1200,
-    )  # fmt: skip
+    compose_containers = [
+        "podman", "ps", "--all", "--quiet", "--filter", "label=com.docker.compose.project",
+    ]  # fmt: skip
+    before = set(subprocess.check_output(compose_containers, text=True).split())
+    try:
+        ran = subprocess.run(
+            [str(sdk_python), str(REPO / "tests" / "sdk_local_mode.py"), image, str(channel),
+             str(tmp_path / "output"), str(free_port()), str(photo), json.dumps(HYPERPARAMETERS)],
+            env=env, capture_output=True, text=True, timeout=1200,
+        )  # fmt: skip
+    finally:
+        # The SDK leaves its stopped training and serving containers behind.
+        created = set(subprocess.check_output(compose_containers, text=True).split()) - before
+        if created:
+            subprocess.run(["podman", "rm", "--force", *created], capture_output=True)
     assert ran.returncode == 0, ran.stdout[-4000:] + ran.stderr[-4000:]
     result = json.loads(ran.stdout.strip().splitlines()[-1])
 
