@@ -48,6 +48,9 @@ format: venv ## apply ruff's formatting and safe fixes
 # DOCKER: docker where its engine answers, else podman (machines without a Docker engine).
 DOCKER ?= $(shell docker info >/dev/null 2>&1 && echo docker || { command -v podman >/dev/null && echo podman || echo docker; })
 IMAGE ?= species-classifier:latest
+# SageMaker's training and GPU instances run linux/amd64 only; the base image and the build
+# follow PLATFORM whatever this machine is (linux/arm64 is for Graviton endpoints only).
+PLATFORM ?= linux/amd64
 # A host folder laid out as /opt/ml; DATA: a training channel (CSV + photos), default demo photos.
 LOCAL_ML ?= local/opt_ml
 DATA ?=
@@ -61,16 +64,16 @@ GPU_FLAGS ?= $(if $(shell nvidia-smi -L 2>/dev/null),--gpus all)
 DEMO_HYPERPARAMETERS = {"target_species": "Lycorma delicatula,Zenaida macroura,Acer rubrum,Erigeron canadensis", "k_folds": "2", "num_epochs": "2", "img_size": "128", "batch_size": "16", "pretrained": "$(PRETRAINED)"}
 RUN_IMAGE = $(DOCKER) run --rm $(RUN_FLAGS)
 
-.PHONY: base-image build push train-local serve-local predict-local
+.PHONY: base-image build push train-local serve-local predict-local sdk-venv
 
-base-image: ## make a local Debian base image (no registry needed) and print its name for BASE_IMAGE
-	DOCKER=$(DOCKER) scripts/make_base_image.sh
+base-image: ## make a local Debian base image for PLATFORM (no registry needed) and print its name for BASE_IMAGE
+	DOCKER=$(DOCKER) PLATFORM=$(PLATFORM) scripts/make_base_image.sh
 
-build: ## build the image from container/Dockerfile, tagged with the git commit and :latest
-	DOCKER=$(DOCKER) scripts/build_push.sh --no-push
+build: ## build the image for PLATFORM from container/Dockerfile, tagged with the git commit and :latest
+	DOCKER=$(DOCKER) PLATFORM=$(PLATFORM) scripts/build_push.sh --no-push
 
 push: venv ## build, then push to ECR (AWS_REGION and credentials needed) and print the image URI
-	DOCKER=$(DOCKER) PYTHON=$(CURDIR)/$(BIN)/python scripts/build_push.sh
+	DOCKER=$(DOCKER) PLATFORM=$(PLATFORM) PYTHON=$(CURDIR)/$(BIN)/python scripts/build_push.sh
 
 train-local: ## run the image's `train` on LOCAL_ML laid out as /opt/ml (DATA=folder, default demo photos)
 	mkdir -p $(LOCAL_ML)/input/config $(LOCAL_ML)/input/data/training $(LOCAL_ML)/model $(LOCAL_ML)/output
@@ -101,3 +104,14 @@ gpu-wheels: venv ## download what a GPU machine lacks (CPython 3.12, x86-64) int
 
 gpu-check: ## on a GPU machine: GPU tests and benchmarks in one run (<= 8 min), tables in $$OUT
 	$(GPU_PYTHON) scripts/gpu_check.py $(GPU_CHECK_ARGS)
+
+# The SageMaker Python SDK, for its local mode (docs/container.md), in a venv of its own: its
+# pins clash with the project's.
+SDK_VENV := .venv-sdk
+
+$(SDK_VENV)/.installed: requirements-sdk.txt
+	test -x $(SDK_VENV)/bin/python || $(PYTHON) -m venv $(SDK_VENV)
+	$(SDK_VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-sdk.txt
+	touch $@
+
+sdk-venv: $(SDK_VENV)/.installed ## the SageMaker Python SDK in .venv-sdk, for local mode runs of the image

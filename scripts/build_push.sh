@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Build the image from container/Dockerfile, tag it with the git commit and push it to
-# Amazon ECR (repository created if missing, scan on push, immutable tags). Prints the
-# image URI last. See docs/container.md.
+# Build the image from container/Dockerfile for linux/amd64, tag it with the git commit and
+# push it to Amazon ECR (repository created if missing with immutable tags, scanned on push by
+# a registry-level rule) as one Docker v2 schema 2 manifest, the only form SageMaker accepts.
+# Prints the image URI last. See docs/container.md.
 #
 #   scripts/build_push.sh [--release TAG] [--no-push]
 #
@@ -10,10 +11,14 @@
 #   AWS_ACCOUNT_ID                    default: the account of the current credentials (STS)
 #   ECR_REPOSITORY                    default: species-classifier
 #   ECR_REGISTRY                      push to this registry host[:port] instead of the
-#                                     account's ECR registry (private registries, tests)
+#                                     account's ECR registry (private registries, tests);
+#                                     log in to a registry that is not ECR yourself first
 #   AWS_ENDPOINT_URL                  AWS API endpoint (boto3 reads it; tests use moto)
 #   IMAGE_NAME                        local image name, default species-classifier
-#   IMAGE_TAG                         default: the git commit (12 hex), -dirty if uncommitted
+#   IMAGE_TAG                         default: the git commit (12 hex); with uncommitted
+#                                     changes <commit>-dirty-<hash of the work tree>
+#   PLATFORM                          default linux/amd64 (SageMaker's training and GPU
+#                                     instances); linux/arm64 for Graviton endpoints only
 #   DOCKER                            docker or podman; default docker when its engine
 #                                     answers, else podman
 #   PYTHON                            a Python with boto3, default python3
@@ -37,6 +42,10 @@ while (($#)); do
   esac
   shift
 done
+
+PLATFORM=${PLATFORM:-linux/amd64}
+[[ $PLATFORM =~ ^linux/(amd64|arm64)$ ]] || die "PLATFORM must be linux/amd64 or linux/arm64, not '$PLATFORM'"
+say "building for $PLATFORM (set by PLATFORM)"
 
 cd "$(dirname "$0")/.."
 command -v git >/dev/null || die "git not found"
@@ -64,7 +73,13 @@ PYTHON=${PYTHON:-python3}
 if [[ -z ${IMAGE_TAG:-} ]]; then
   IMAGE_TAG=$(git rev-parse --short=12 HEAD)
   if [[ -n $(git status --porcelain) ]]; then
-    IMAGE_TAG+=-dirty
+    # Tags are immutable: each uncommitted state gets its own, from the tree git would
+    # commit (untracked files included) written through a scratch copy of the index.
+    index=$(mktemp)
+    cp "$(git rev-parse --git-path index)" "$index"
+    tree=$(GIT_INDEX_FILE=$index git add --all && GIT_INDEX_FILE=$index git write-tree)
+    rm -f "$index"
+    IMAGE_TAG+=-dirty-${tree:0:12}
     say "uncommitted changes: tagging $IMAGE_TAG"
   fi
 fi
@@ -73,6 +88,7 @@ fi
 ecr() {
   "$PYTHON" - "$@" <<'PY'
 import base64
+import fnmatch
 import os
 import sys
 
@@ -87,6 +103,30 @@ def fail(message):
     sys.exit(f"build_push: {message}")
 
 
+def say(message):
+    print(f"build_push: {message}", file=sys.stderr)
+
+
+def ensure_scan_on_push(ecr, name):
+    """Add the repository to the registry's scan-on-push rule, keeping every other rule."""
+    config = ecr.get_registry_scanning_configuration()["scanningConfiguration"]
+    rules = config.get("rules", [])
+    for rule in rules:
+        if rule["scanFrequency"] in ("SCAN_ON_PUSH", "CONTINUOUS_SCAN") and any(
+            fnmatch.fnmatchcase(name, item["filter"]) for item in rule["repositoryFilters"]
+        ):
+            return
+    new_filter = {"filter": name, "filterType": "WILDCARD"}
+    on_push = next((rule for rule in rules if rule["scanFrequency"] == "SCAN_ON_PUSH"), None)
+    if on_push:
+        on_push["repositoryFilters"].append(new_filter)
+    else:
+        rules.append({"scanFrequency": "SCAN_ON_PUSH", "repositoryFilters": [new_filter]})
+    scan_type = config.get("scanType") or "BASIC"
+    ecr.put_registry_scanning_configuration(scanType=scan_type, rules=rules)
+    say(f"added {name} to the registry's scan-on-push rule ({scan_type} scanning)")
+
+
 session = boto3.session.Session(region_name=os.environ.get("AWS_REGION") or None)
 if not session.region_name:
     fail("no AWS region: set AWS_REGION, or region in the AWS config (aws configure)")
@@ -96,7 +136,7 @@ try:
         account = os.environ.get("AWS_ACCOUNT_ID") or (
             session.client("sts").get_caller_identity()["Account"]
         )
-        print(f"build_push: account {account}, region {session.region_name}", file=sys.stderr)
+        say(f"account {account}, region {session.region_name}")
         print(f"{account}.dkr.ecr.{session.region_name}.amazonaws.com")
     elif command == "ensure-repository":
         (name,) = args
@@ -104,12 +144,17 @@ try:
         try:
             ecr.describe_repositories(repositoryNames=[name])
         except ecr.exceptions.RepositoryNotFoundException:
-            ecr.create_repository(
-                repositoryName=name,
-                imageScanningConfiguration={"scanOnPush": True},
-                imageTagMutability="IMMUTABLE",
+            ecr.create_repository(repositoryName=name, imageTagMutability="IMMUTABLE")
+            say(f"created ECR repository {name} (immutable tags)")
+        try:
+            ensure_scan_on_push(ecr, name)
+        except ClientError as error:
+            if error.response["Error"]["Code"] != "AccessDeniedException":
+                raise
+            say(
+                f"warning: not allowed to read or change the registry's scanning rules ({error}): "
+                f"{name} is scanned on push only if a registry rule already covers it"
             )
-            print(f"build_push: created ECR repository {name} (scan on push, immutable tags)", file=sys.stderr)
     elif command == "login-password":
         token = session.client("ecr").get_authorization_token()["authorizationData"][0]
         print(base64.b64decode(token["authorizationToken"]).decode().split(":", 1)[1])
@@ -128,12 +173,20 @@ if $push; then
   registry=${ECR_REGISTRY:-$ecr_registry}
 fi
 
-build=(build -f container/Dockerfile -t "$IMAGE_NAME:$IMAGE_TAG" -t "$IMAGE_NAME:latest")
+build=(build --platform "$PLATFORM" -f container/Dockerfile -t "$IMAGE_NAME:$IMAGE_TAG" -t "$IMAGE_NAME:latest")
 [[ -n ${BASE_IMAGE:-} ]] && build+=(--build-arg "BASE_IMAGE=$BASE_IMAGE")
 [[ -n ${PRETRAINED_WEIGHTS:-} ]] && build+=(--build-arg "PRETRAINED_WEIGHTS=$PRETRAINED_WEIGHTS")
+# SageMaker refuses OCI manifests and indexes ("Unsupported manifest media type").
 if $podman; then
   # The default OCI isolation fails where podman itself runs in a container.
-  build+=(--isolation=chroot)
+  build+=(--format docker --isolation=chroot)
+  push_flags=(--format v2s2)
+else
+  # BuildKit attaches provenance and SBOM attestations in an OCI index unless told not to;
+  # the containerd image store pushes an index unless one platform is named.
+  "$DOCKER" buildx version >/dev/null 2>&1 && build+=(--provenance=false --sbom=false)
+  push_flags=()
+  "$DOCKER" push --help 2>/dev/null | grep -q -- --platform && push_flags+=(--platform "$PLATFORM")
 fi
 for setting in PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_FIND_LINKS PIP_CERT; do
   value=${!setting:-}
@@ -155,6 +208,9 @@ done
 say "$DOCKER ${build[*]} ."
 "$DOCKER" "${build[@]}" . >&2
 local_image="$IMAGE_NAME:$IMAGE_TAG"
+built_platform=$("$DOCKER" image inspect --format '{{.Os}}/{{.Architecture}}' "$local_image")
+[[ $built_platform == "$PLATFORM" ]] \
+  || die "$local_image is $built_platform, not $PLATFORM: is BASE_IMAGE for $PLATFORM? (make base-image PLATFORM=$PLATFORM)"
 if ! $push; then
   say "built $local_image (also tagged $IMAGE_NAME:latest)"
   echo "$local_image"
@@ -162,11 +218,15 @@ if ! $push; then
 fi
 
 ecr ensure-repository "$ECR_REPOSITORY"
-ecr login-password | "$DOCKER" login --username AWS --password-stdin "$registry" >&2
+if [[ $registry =~ ^[0-9]{12}\.dkr\.ecr(-fips)?\.[a-z0-9-]+\.amazonaws\.com(\.cn)?$ ]]; then
+  ecr login-password | "$DOCKER" login --username AWS --password-stdin "$registry" >&2
+else
+  say "$registry is not an ECR registry: not sending it ECR credentials (log in to it yourself)"
+fi
 uri="$registry/$ECR_REPOSITORY:$IMAGE_TAG"
 for tag in "$IMAGE_TAG" ${release_tag:+"$release_tag"}; do
   "$DOCKER" tag "$local_image" "$registry/$ECR_REPOSITORY:$tag"
   say "pushing $registry/$ECR_REPOSITORY:$tag"
-  "$DOCKER" push "$registry/$ECR_REPOSITORY:$tag" >&2
+  "$DOCKER" push ${push_flags[@]+"${push_flags[@]}"} "$registry/$ECR_REPOSITORY:$tag" >&2
 done
 echo "$uri"

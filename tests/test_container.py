@@ -4,7 +4,10 @@ CI has no Docker engine and reaches no image registry, so the tests make a local
 image (scripts/make_base_image.sh), build with podman (scripts/build_push.sh, as `make build`
 does) and run with runc. torch comes from this machine's pip configuration: its local indexes
 are passed to the build and mounted into it. podman keeps the base image and the build's
-layers, so a second run on the same machine rebuilds only what changed.
+layers, so a second run on the same machine rebuilds only what changed. The pushed manifest is
+read back from a local registry: SageMaker accepts only one linux/amd64 Docker v2 schema 2
+manifest. Last, the SageMaker Python SDK's local mode trains and serves with the same image,
+through podman's Docker-compatible API and Debian's docker-compose.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -43,7 +48,17 @@ HYPERPARAMETERS = {
     "pretrained": "false",
 }
 BUILD_TIMEOUT = 1800
-MANIFEST_TYPES = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"
+PLATFORM_LINE = "build_push: building for linux/amd64 (set by PLATFORM)"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+# Every manifest type a registry may hold, so that it answers with what it stored.
+MANIFEST_TYPES = ", ".join(
+    [
+        DOCKER_MANIFEST,
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.oci.image.index.v1+json",
+    ]
+)
 
 
 def test_dockerfile_pins_match_the_makefile():
@@ -128,6 +143,7 @@ def image(build_env) -> str:
         timeout=BUILD_TIMEOUT,
     )
     assert built.returncode == 0, built.stderr[-5000:]
+    assert built.stderr.splitlines()[0] == PLATFORM_LINE
     return built.stdout.strip().splitlines()[-1]
 
 
@@ -152,7 +168,10 @@ def wait_for(url: str, timeout: float) -> requests.Response:
 
 
 def test_image_follows_the_sagemaker_contract(image):
-    config = json.loads(subprocess.check_output(["podman", "image", "inspect", image]))[0]["Config"]
+    inspected = json.loads(subprocess.check_output(["podman", "image", "inspect", image]))[0]
+    assert (inspected["Os"], inspected["Architecture"]) == ("linux", "amd64")
+    assert inspected["ManifestType"] == DOCKER_MANIFEST
+    config = inspected["Config"]
     assert config["Labels"]["com.amazonaws.sagemaker.capabilities.accept-bind-to-port"] == "true"
     assert "PYTHONUNBUFFERED=1" in config["Env"]
     probe = subprocess.run(
@@ -228,6 +247,99 @@ def test_train_then_serve_in_the_image(image, tmp_path):
         print(logs.stdout[-3000:], logs.stderr[-3000:])
 
 
+# compose cannot pass podman's run flags: the Docker-compatible API takes them from here.
+CONTAINERS_CONF = """[containers]
+default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]
+
+[engine]
+runtime = "runc"
+"""
+
+
+@pytest.fixture(scope="module")
+def sdk_python(podman) -> Path:
+    """The SageMaker Python SDK's own venv (make sdk-venv), installed from PyPI the first time."""
+    made = subprocess.run(
+        ["make", "-s", "sdk-venv"], cwd=REPO, capture_output=True, text=True, timeout=900
+    )
+    assert made.returncode == 0, made.stdout[-3000:] + made.stderr[-3000:]
+    return REPO / ".venv-sdk" / "bin" / "python"
+
+
+@pytest.fixture
+def docker_api(podman):
+    """podman's Docker-compatible API on a private socket, for the SDK's docker-compose."""
+    missing = [tool for tool in ("docker", "docker-compose", "curl") if shutil.which(tool) is None]
+    if missing:
+        pytest.fail(f"SDK local mode needs {', '.join(missing)} (the Docker CLI, docker-compose)")
+    folder = Path(tempfile.mkdtemp(prefix="podman-api-"))  # a socket path has at most 107 bytes
+    (folder / "containers.conf").write_text(CONTAINERS_CONF)
+    socket_path = folder / "podman.sock"
+    log = (folder / "service.log").open("w")
+    service = subprocess.Popen(
+        ["podman", "system", "service", "--time=0", f"unix://{socket_path}"],
+        env={**os.environ, "CONTAINERS_CONF": str(folder / "containers.conf")},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    ping = ["curl", "-sf", "--unix-socket", str(socket_path), "http://podman/_ping"]
+    try:
+        deadline = time.monotonic() + 60
+        while subprocess.run(ping, capture_output=True).returncode != 0:
+            assert time.monotonic() < deadline, "podman system service did not answer in 60 s"
+            time.sleep(0.5)
+        yield f"unix://{socket_path}"
+    finally:
+        service.terminate()
+        service.wait(timeout=30)
+        log.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_sagemaker_sdk_local_mode_trains_and_serves(
+    image, sdk_python, docker_api, moto_endpoint, tmp_path
+):
+    channel = tmp_path / "training"
+    make_demo_dataset(channel, photos_per_species=6, photo_size=160)
+    photo = next((channel / "images").glob("*/*.jpg"))
+    env = {
+        **{key: value for key, value in os.environ.items() if not key.startswith("AWS_")},
+        "DOCKER_HOST": docker_api,
+        # Any AWS call the SDK makes goes to moto, never to AWS.
+        "AWS_ENDPOINT_URL": moto_endpoint,
+        "AWS_DEFAULT_REGION": "eu-west-1",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+    }
+    compose_containers = [
+        "podman", "ps", "--all", "--quiet", "--filter", "label=com.docker.compose.project",
+    ]  # fmt: skip
+    before = set(subprocess.check_output(compose_containers, text=True).split())
+    try:
+        ran = subprocess.run(
+            [str(sdk_python), str(REPO / "tests" / "sdk_local_mode.py"), image, str(channel),
+             str(tmp_path / "output"), str(free_port()), str(photo), json.dumps(HYPERPARAMETERS)],
+            env=env, capture_output=True, text=True, timeout=1200,
+        )  # fmt: skip
+    finally:
+        # The SDK leaves its stopped training and serving containers behind.
+        created = set(subprocess.check_output(compose_containers, text=True).split()) - before
+        if created:
+            subprocess.run(["podman", "rm", "--force", *created], capture_output=True)
+    assert ran.returncode == 0, ran.stdout[-4000:] + ran.stderr[-4000:]
+    result = json.loads(ran.stdout.strip().splitlines()[-1])
+
+    model_data = Path(result["model_data"].removeprefix("file://"))
+    assert model_data.name == "model.tar.gz"
+    with tarfile.open(model_data) as archive:
+        assert {"model.json", "fold-1.pt", "fold-2.pt"} <= set(archive.getnames())
+    classes = sorted([*DEMO_TARGETS, "other"])
+    answer = result["answer"]
+    assert sorted(answer["class_probabilities"]) == classes
+    assert answer["predicted_species"] in classes
+    assert len(answer["individual_fold_predictions"]) == 2
+
+
 def test_weights_stage_rejects_a_wrong_local_file(build_env, tmp_path):
     weights = os.path.basename(PRETRAINED_WEIGHTS.url)
     (tmp_path / "local").mkdir()
@@ -293,8 +405,39 @@ def moto_endpoint():
     server.stop()
 
 
-def test_build_push_pushes_to_a_local_registry(image, build_env, local_registry, moto_endpoint):
+def ecr_client(moto_endpoint: str):
+    return boto3.client(
+        "ecr", region_name="eu-west-1", endpoint_url=moto_endpoint,
+        aws_access_key_id="testing", aws_secret_access_key="testing",
+    )  # fmt: skip
+
+
+def assert_sagemaker_can_pull(registry: str, repository: str, tag: str) -> None:
+    """The registry holds one linux/amd64 Docker v2 schema 2 manifest under the tag."""
+    url = f"http://{registry}/v2/{repository}"
+    answer = requests.get(f"{url}/manifests/{tag}", headers={"Accept": MANIFEST_TYPES}, timeout=10)
+    assert answer.status_code == 200, answer.text
+    manifest = answer.json()
+    assert (answer.headers["Content-Type"], manifest["mediaType"]) == (DOCKER_MANIFEST,) * 2
+    assert manifest["config"]["mediaType"] == "application/vnd.docker.container.image.v1+json"
+    assert len(manifest["layers"]) >= 5
+    config = requests.get(f"{url}/blobs/{manifest['config']['digest']}", timeout=10).json()
+    assert (config["os"], config["architecture"]) == ("linux", "amd64")
+
+
+def test_build_push_pushes_to_a_local_registry(
+    image, build_env, local_registry, moto_endpoint, tmp_path
+):
     registry, registries_conf = local_registry
+    ecr = ecr_client(moto_endpoint)
+    # Another team's rule, which the script must keep while it adds its own.
+    existing_rule = {
+        "scanFrequency": "CONTINUOUS_SCAN",
+        "repositoryFilters": [{"filter": "prod-*", "filterType": "WILDCARD"}],
+    }
+    ecr.put_registry_scanning_configuration(scanType="ENHANCED", rules=[existing_rule])
+    auth_file = tmp_path / "auth.json"
+    auth_file.write_text("{}")
     env = {
         **build_env,
         "AWS_ENDPOINT_URL": moto_endpoint,
@@ -304,6 +447,7 @@ def test_build_push_pushes_to_a_local_registry(image, build_env, local_registry,
         "ECR_REGISTRY": registry,
         "ECR_REPOSITORY": "species-classifier",
         "CONTAINERS_REGISTRIES_CONF": str(registries_conf),
+        "REGISTRY_AUTH_FILE": str(auth_file),
     }
     env.pop("AWS_PROFILE", None)
     pushed = subprocess.run(
@@ -314,6 +458,7 @@ def test_build_push_pushes_to_a_local_registry(image, build_env, local_registry,
         timeout=BUILD_TIMEOUT,
     )
     assert pushed.returncode == 0, pushed.stderr[-5000:]
+    assert pushed.stderr.splitlines()[0] == PLATFORM_LINE
     uri = pushed.stdout.strip().splitlines()[-1]
     tag = image.rsplit(":", 1)[1]
     commit = subprocess.check_output(
@@ -322,28 +467,144 @@ def test_build_push_pushes_to_a_local_registry(image, build_env, local_registry,
     assert tag.startswith(commit.strip())
     assert uri == f"{registry}/species-classifier:{tag}"
     assert "account 123456789012, region eu-west-1" in pushed.stderr
+    # The ECR token is for ECR only: a registry at another address never sees it.
+    assert f"{registry} is not an ECR registry: not sending it ECR credentials" in pushed.stderr
+    assert json.loads(auth_file.read_text()) == {}
     try:
         tags = requests.get(f"http://{registry}/v2/species-classifier/tags/list", timeout=10)
         assert sorted(tags.json()["tags"]) == sorted([tag, "v0.0.0-test"])
-        manifest = requests.get(
-            f"http://{registry}/v2/species-classifier/manifests/{tag}",
-            headers={"Accept": MANIFEST_TYPES},
-            timeout=10,
-        )
-        assert manifest.status_code == 200
-        assert len(manifest.json()["layers"]) >= 5
+        for pushed_tag in (tag, "v0.0.0-test"):
+            assert_sagemaker_can_pull(registry, "species-classifier", pushed_tag)
 
-        ecr = boto3.client(
-            "ecr", region_name="eu-west-1", endpoint_url=moto_endpoint,
-            aws_access_key_id="testing", aws_secret_access_key="testing",
-        )  # fmt: skip
         (repository,) = ecr.describe_repositories()["repositories"]
         assert repository["repositoryName"] == "species-classifier"
-        assert repository["imageScanningConfiguration"] == {"scanOnPush": True}
         assert repository["imageTagMutability"] == "IMMUTABLE"
+        scanning = ecr.get_registry_scanning_configuration()["scanningConfiguration"]
+        our_rule = {
+            "scanFrequency": "SCAN_ON_PUSH",
+            "repositoryFilters": [{"filter": "species-classifier", "filterType": "WILDCARD"}],
+        }
+        assert scanning == {"scanType": "ENHANCED", "rules": [existing_rule, our_rule]}
+        (applied,) = ecr.batch_get_repository_scanning_configuration(
+            repositoryNames=["species-classifier"]
+        )["scanningConfigurations"]
+        assert applied["scanFrequency"] == "SCAN_ON_PUSH"
     finally:
         for pushed_tag in (tag, "v0.0.0-test"):
             subprocess.run(
                 ["podman", "rmi", f"{registry}/species-classifier:{pushed_tag}"],
                 capture_output=True,
             )
+
+
+FAKE_ENGINE = """#!/usr/bin/env bash
+# Records the commands scripts/build_push.sh gives its engine; says the image is FAKE_BUILT.
+echo "$*" >> "$FAKE_ENGINE_LOG"
+case $1 in
+  image) echo "${FAKE_BUILT:-linux/amd64}" ;;
+  login) cat >/dev/null ;;
+esac
+"""
+
+
+@pytest.fixture
+def script_checkout(tmp_path) -> tuple[Path, dict[str, str]]:
+    """A git work tree holding scripts/build_push.sh, with a fake podman that records calls."""
+    checkout = tmp_path / "checkout"
+    (checkout / "scripts").mkdir(parents=True)
+    shutil.copy(REPO / "scripts" / "build_push.sh", checkout / "scripts")
+    (checkout / "notes.txt").write_text("first\n")
+    git = ["git", "-C", str(checkout), "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "first"], check=True)
+    engine = tmp_path / "bin" / "podman"
+    engine.parent.mkdir()
+    engine.write_text(FAKE_ENGINE)
+    engine.chmod(0o755)
+    env = {
+        **{key: value for key, value in os.environ.items() if not key.startswith("AWS_")},
+        "DOCKER": str(engine),
+        "FAKE_ENGINE_LOG": str(tmp_path / "engine.log"),
+        "PYTHON": sys.executable,
+    }
+    return checkout, env
+
+
+def run_script(checkout: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(checkout / "scripts" / "build_push.sh"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_each_uncommitted_state_gets_its_own_tag(script_checkout):
+    checkout, env = script_checkout
+    commit = subprocess.check_output(
+        ["git", "-C", str(checkout), "rev-parse", "--short=12", "HEAD"], text=True
+    ).strip()
+
+    def tag() -> str:
+        built = run_script(checkout, env, "--no-push")
+        assert built.returncode == 0, built.stderr
+        return built.stdout.strip().rsplit(":", 1)[1]
+
+    assert tag() == commit
+    (checkout / "notes.txt").write_text("second\n")
+    edited = tag()
+    assert re.fullmatch(rf"{commit}-dirty-[0-9a-f]{{12}}", edited)
+    (checkout / "new.txt").write_text("untracked files count too\n")
+    with_new_file = tag()
+    assert with_new_file.startswith(f"{commit}-dirty-") and with_new_file != edited
+    (checkout / "new.txt").unlink()
+    assert tag() == edited  # the same state, the same tag
+    staged = subprocess.check_output(["git", "-C", str(checkout), "diff", "--cached"], text=True)
+    assert staged == ""  # the user's index is left alone
+
+
+def test_build_asks_for_linux_amd64_and_docker_manifests(script_checkout):
+    checkout, env = script_checkout
+    built = run_script(checkout, env, "--no-push")
+    assert built.returncode == 0, built.stderr
+    assert built.stderr.splitlines()[0] == PLATFORM_LINE
+    build = Path(env["FAKE_ENGINE_LOG"]).read_text().splitlines()[0].split()
+    assert build[:3] == ["build", "--platform", "linux/amd64"]
+    assert "--format docker" in " ".join(build)
+
+    wrong = run_script(checkout, {**env, "FAKE_BUILT": "linux/arm64"}, "--no-push")
+    assert wrong.returncode != 0
+    assert "is linux/arm64, not linux/amd64: is BASE_IMAGE for linux/amd64?" in wrong.stderr
+
+    unknown = run_script(checkout, {**env, "PLATFORM": "linux/386"}, "--no-push")
+    assert unknown.returncode != 0
+    assert "PLATFORM must be linux/amd64 or linux/arm64, not 'linux/386'" in unknown.stderr
+
+
+def test_ecr_credentials_go_to_ecr_only(script_checkout, moto_endpoint):
+    checkout, env = script_checkout
+    aws = {
+        "AWS_ENDPOINT_URL": moto_endpoint,
+        "AWS_REGION": "eu-west-1",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+    }
+    log = Path(env["FAKE_ENGINE_LOG"])
+    ecr_host = "123456789012.dkr.ecr.eu-west-1.amazonaws.com"
+    to_ecr = run_script(checkout, {**env, **aws})
+    assert to_ecr.returncode == 0, to_ecr.stderr
+    calls = log.read_text().splitlines()
+    assert f"login --username AWS --password-stdin {ecr_host}" in calls
+    assert any(
+        call.startswith(f"push --format v2s2 {ecr_host}/species-classifier:") for call in calls
+    )
+
+    log.unlink()
+    (checkout / "notes.txt").write_text("a second push needs a new tag\n")
+    elsewhere = run_script(checkout, {**env, **aws, "ECR_REGISTRY": "registry.example.com"})
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    calls = log.read_text().splitlines()
+    assert not [call for call in calls if call.startswith("login")]
+    assert any(call.startswith("push --format v2s2 registry.example.com/") for call in calls)
