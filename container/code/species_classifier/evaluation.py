@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support  # noqa: E402
 
 from species_classifier.dataset import LabelledPhotos  # noqa: E402
-from species_classifier.trainer import FoldState  # noqa: E402
+from species_classifier.state import FoldState  # noqa: E402
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
@@ -58,8 +58,12 @@ def summarize(
     fold_indices: list[np.ndarray],
     photos: LabelledPhotos,
     skipped: int,
+    *,
+    final_model: dict,
 ) -> dict:
-    """metrics.json: per fold (best epoch), mean and std over folds, pooled out-of-fold."""
+    """metrics.json: per fold (best epoch), mean and std over folds, pooled out-of-fold,
+    and `final_model`, what serving uses: {"strategy": "ensemble", "members": n} or
+    {"strategy": "refit", "epochs": n, "train_loss": [...]}."""
     fold_entries, pooled_true, pooled_pred = [], [], []
     for state, val_index in zip(folds, fold_indices, strict=True):
         y_true = photos.labels[val_index]
@@ -90,6 +94,7 @@ def summarize(
             "skipped": skipped,
             "per_class": photos.class_counts(),
         },
+        "final_model": final_model,
     }
 
 
