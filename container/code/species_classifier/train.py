@@ -294,6 +294,7 @@ def refit_on_all_photos(
         int(np.median([s.best_epoch for s in finished])) if workers.is_leader else None
     )
     everything = job_photos.fold_data(np.arange(len(job_photos.photos.labels)), np.arange(0))
+    # fold=None names the refit: its checkpoints are refit-*.pt, its bundle member "refit".
     state = store.load_finished(None) or store.load_progress(None) or FoldState(fold=None)
     save = store.save_progress if workers.is_leader else (lambda _state: None)
     refit = trainer.refit(everything, epochs, (workers.rank, workers.world_size), state, save)
