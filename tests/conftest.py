@@ -1,18 +1,34 @@
-"""Shared fixtures: a folder laid out like /opt/ml, the real `train` run against it, and the
-summary lines that tests report (fault injection, soak, distributed) printed at the end of
-the run, where CI's log shows them even when every test passes."""
+"""The one home of what several test modules share: a folder laid out like /opt/ml, the
+real `train` run against it and its results compared, free ports, waiting for a server's
+200, a local AWS (moto), and the summary lines that tests report (fault injection, soak,
+distributed) printed at the end of the run, where CI's log shows them even when every
+test passes.
+
+Every process a test starts, and this one, lets idle OpenMP threads sleep
+(OMP_WAIT_POLICY=PASSIVE): on a loaded machine, threads that spin waiting for work take
+the cores from the ones that have it, and a 15 s training run took 480 s.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 from species_classifier.demo_data import DEMO_TARGETS, make_demo_dataset
+
+# Before any test module imports torch: OpenMP reads the policy once, when it starts. Nothing
+# above imports torch, and every process the tests start inherits the variable.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "container" / "train"
@@ -32,6 +48,11 @@ def write_hyperparameters(base: Path, hyperparameters: dict) -> None:
     config = base / "input" / "config"
     config.mkdir(parents=True, exist_ok=True)
     (config / "hyperparameters.json").write_text(json.dumps(hyperparameters))
+
+
+def update_hyperparameters(base: Path, **changes: str) -> None:
+    path = base / "input" / "config" / "hyperparameters.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
 def make_job(
@@ -64,8 +85,96 @@ def run_train(base: Path, timeout: float = 600, **env: str) -> subprocess.Comple
     )
 
 
+def start_train(base: Path, command: list[str] | None = None, **env: str) -> subprocess.Popen:
+    """`train` (or `command`) started against `base`: its output, both streams, as text lines."""
+    return subprocess.Popen(
+        command or [str(TRAIN)],
+        env=train_env(base, **env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
 def failure_text(base: Path) -> str:
     return (base / "output" / "failure").read_text()
+
+
+TIMING_FIELDS = ("seconds", "img_per_s")
+
+
+def comparable_metrics(base: Path) -> dict:
+    """A finished job's metrics.json without the timings, which differ from run to run."""
+    metrics = json.loads((base / "output" / "data" / "metrics.json").read_text())
+    for fold in metrics["folds"]:
+        for record in fold["history"]:
+            for name in TIMING_FIELDS:
+                record.pop(name)
+    return metrics
+
+
+def model_weights(base: Path) -> dict[str, dict]:
+    """Every weights file of a finished job's model bundle, by file name."""
+    import torch  # here, not at the top: only once OMP_WAIT_POLICY is set
+
+    return {p.name: torch.load(p, weights_only=True) for p in sorted((base / "model").glob("*.pt"))}
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    """Bit for bit: the same files, the same tensors."""
+    import torch  # here, not at the top: only once OMP_WAIT_POLICY is set
+
+    return a.keys() == b.keys() and all(
+        a[f].keys() == b[f].keys() and all(torch.equal(a[f][k], b[f][k]) for k in a[f]) for f in a
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for_200(
+    url: str, timeout: float, process: subprocess.Popen | None = None, log: Path | None = None
+) -> requests.Response:
+    """GET `url` until it answers 200; fail early, with the server's log, if `process` exits."""
+    shown = f":\n{log.read_text()}" if log else ""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the server exited with {process.returncode}{shown}")
+        try:
+            response = requests.get(url, timeout=5)
+        except requests.RequestException:
+            pass
+        else:
+            if response.status_code == 200:
+                return response
+        time.sleep(0.1)
+    raise AssertionError(f"{url} did not answer 200 within {timeout} s{shown}")
+
+
+@contextlib.contextmanager
+def moto_server(region: str = "us-east-1") -> Iterator[dict[str, str]]:
+    """A local AWS (moto: S3, IAM, SageMaker, CloudWatch Logs, ECR ...) while the block runs.
+
+    Yields the environment that points boto3 at it, with test credentials.
+    """
+    from moto.server import ThreadedMotoServer  # slow to import: only for the tests that use it
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield {
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": region,
+        }
+    finally:
+        server.stop()
 
 
 @pytest.fixture

@@ -58,6 +58,58 @@ def test_missing_columns_and_blank_cells(tmp_path):
     assert read_rows(bom) == [("A", "x.jpg")]
 
 
+def test_byte_order_marks_and_windows_encodings_read_alike(tmp_path):
+    text = "species_name,image_name\nÉrable rouge,photos/érable.jpg\n"
+    expected = [("Érable rouge", "photos/érable.jpg")]
+    for name, encoded in {
+        "utf8.csv": text.encode("utf-8"),
+        "utf8-bom.csv": text.encode("utf-8-sig"),
+        "utf16.csv": text.encode("utf-16"),
+        "excel-windows.csv": text.encode("cp1252"),
+    }.items():
+        path = tmp_path / name
+        path.write_bytes(encoded)
+        assert read_rows(path) == expected, name
+    undecodable = tmp_path / "binary.csv"
+    undecodable.write_bytes(b"species_name,image_name\n\xff\x81,x.jpg\n")
+    with pytest.raises(DatasetError, match=r"binary.csv is not UTF-8 text.*save it as CSV UTF-8"):
+        read_rows(undecodable)
+
+
+def test_quoted_values_may_hold_commas_quotes_and_look_like_missing_values(tmp_path):
+    path = write_csv(
+        tmp_path / "quoted.csv",
+        'id,species_name,image_name\n1,"Acer rubrum, red maple", "a,b.jpg"\n'
+        '2,"The ""NA"" moth",NA\n3,None,null.jpg\n',
+    )
+    assert read_rows(path) == [
+        ("Acer rubrum, red maple", "a,b.jpg"),
+        ('The "NA" moth', "NA"),
+        ("None", "null.jpg"),
+    ]
+
+
+def test_a_malformed_row_is_named_by_its_line(tmp_path):
+    extra_comma = write_csv(
+        tmp_path / "a.csv", "species_name,image_name\nA,x.jpg\n\nAcer rubrum, red maple,y.jpg\n"
+    )
+    with pytest.raises(
+        DatasetError,
+        match=r"a.csv is not a well-formed CSV: line 4 has 3 fields where the header has 2: "
+        r"put values that contain commas in double quotes",
+    ):
+        read_rows(extra_comma)
+    open_quote = write_csv(tmp_path / "b.csv", 'species_name,image_name\nA,x.jpg\nB,"y.jpg\nC,z\n')
+    with pytest.raises(DatasetError, match=r"the double quote opened on line 3 is never closed"):
+        read_rows(open_quote)
+    empty = write_csv(tmp_path / "c.csv", "")
+    with pytest.raises(DatasetError, match=r"c.csv lacks the column\(s\).*it has no header"):
+        read_rows(empty)
+    header_only = write_csv(tmp_path / "d.csv", "species_name,image_name\n")
+    with pytest.raises(DatasetError, match="d.csv has no data rows"):
+        read_rows(header_only)
+
+
 def test_csv_discovery(tmp_path):
     with pytest.raises(DatasetError, match="does not exist"):
         find_csv(tmp_path / "missing", None)

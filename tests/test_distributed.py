@@ -12,13 +12,23 @@ import logging
 import re
 import signal
 import socket
-import subprocess
 import time
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import TRAIN, copy_job, failure_text, make_job, run_train, train_env
+from conftest import (
+    comparable_metrics,
+    copy_job,
+    failure_text,
+    free_port,
+    make_job,
+    model_weights,
+    run_train,
+    same_weights,
+    start_train,
+    update_hyperparameters,
+)
 from species_classifier.artifacts import load_members, read_description
 from species_classifier.distributed import (
     LOOPBACK_ADDRESS,
@@ -26,21 +36,10 @@ from species_classifier.distributed import (
     rendezvous_address,
     wait_for_hosts,
 )
-from test_fault_injection import comparable_metrics, same_weights, weights
 
 HYPERPARAMETERS = {"k_folds": "3", "num_epochs": "2", "img_size": "32", "batch_size": "8"}
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
-
-
-def free_port() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return str(sock.getsockname()[1])
-
-
-def with_hyperparameters(base: Path, **extra: str) -> None:
-    path = base / "input" / "config" / "hyperparameters.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), **extra}))
+pytestmark = pytest.mark.slow  # every test trains whole jobs, several times
 
 
 def host_config(base: Path, current: str, hosts: list[str]) -> None:
@@ -65,13 +64,13 @@ def single_worker(pristine, tmp_path_factory) -> Path:
 
 def test_two_workers_on_one_host_match_one_worker(pristine, single_worker, tmp_path, summary):
     base = copy_job(pristine, tmp_path / "opt_ml")
-    with_hyperparameters(base, workers_per_host="2")
-    result = run_train(base, MASTER_PORT=free_port(), **ONE_THREAD)
+    update_hyperparameters(base, workers_per_host="2")
+    result = run_train(base, MASTER_PORT=str(free_port()), **ONE_THREAD)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "[rank 0] " in result.stdout and "[rank 1] " in result.stdout
     assert "fold(s) [1, 3] of 3" in result.stdout and "fold(s) [2] of 3" in result.stdout
     assert comparable_metrics(base) == comparable_metrics(single_worker)
-    assert same_weights(weights(base), weights(single_worker))
+    assert same_weights(model_weights(base), model_weights(single_worker))
     summary("distributed: 2 workers on 1 host, per-fold results identical to 1 worker")
 
 
@@ -80,24 +79,16 @@ def test_two_hosts_match_one_worker_and_only_the_leader_writes(
 ):
     hosts = ["127.0.0.1", "localhost"]  # sorted: 127.0.0.1 leads
     bases = [copy_job(pristine, tmp_path / host / "opt_ml") for host in hosts]
-    port = free_port()
+    port = str(free_port())
     processes = []
     for host, base in zip(hosts, bases, strict=True):
         host_config(base, host, list(reversed(hosts)))
-        processes.append(
-            subprocess.Popen(
-                [str(TRAIN)],
-                env=train_env(base, MASTER_PORT=port, **ONE_THREAD),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
+        processes.append(start_train(base, MASTER_PORT=port, **ONE_THREAD))
     outputs = [p.communicate(timeout=600)[0] for p in processes]
     assert [p.returncode for p in processes] == [0, 0], outputs
     leader, follower = bases
     assert comparable_metrics(leader) == comparable_metrics(single_worker)
-    assert same_weights(weights(leader), weights(single_worker))
+    assert same_weights(model_weights(leader), model_weights(single_worker))
     assert not (follower / "model" / "model.json").exists()
     assert not (follower / "output" / "data" / "metrics.json").exists()
     assert not (follower / "output" / "failure").exists()
@@ -109,14 +100,8 @@ def test_two_hosts_match_one_worker_and_only_the_leader_writes(
 
 def test_a_dead_worker_fails_the_job_with_its_reason(pristine, tmp_path):
     base = copy_job(pristine, tmp_path / "opt_ml")
-    with_hyperparameters(base, workers_per_host="2", num_epochs="50", epoch_patience="50")
-    launcher = subprocess.Popen(
-        [str(TRAIN)],
-        env=train_env(base, MASTER_PORT=free_port(), **ONE_THREAD),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    update_hyperparameters(base, workers_per_host="2", num_epochs="50", epoch_patience="50")
+    launcher = start_train(base, MASTER_PORT=str(free_port()), **ONE_THREAD)
     for line in launcher.stdout:
         if "[rank 1] " in line and "fold=2 epoch=1 " in line:
             break
@@ -139,8 +124,8 @@ def test_a_dead_worker_fails_the_job_with_its_reason(pristine, tmp_path):
 
 def test_refit_trains_one_model_on_all_photos_across_workers(pristine, tmp_path):
     base = copy_job(pristine, tmp_path / "opt_ml")
-    with_hyperparameters(base, workers_per_host="2", final_model="refit")
-    result = run_train(base, MASTER_PORT=free_port(), **ONE_THREAD)
+    update_hyperparameters(base, workers_per_host="2", final_model="refit")
+    result = run_train(base, MASTER_PORT=str(free_port()), **ONE_THREAD)
     assert result.returncode == 0, result.stdout + result.stderr
     metrics = json.loads((base / "output" / "data" / "metrics.json").read_text())
     best_epochs = sorted(f["best_epoch"] for f in metrics["folds"])
@@ -163,13 +148,13 @@ def test_one_host_with_a_name_that_never_resolves_meets_on_loopback(
 ):
     """SageMaker's resourceconfig.json for one instance: its name and interface need not exist."""
     base = copy_job(pristine, tmp_path / "opt_ml")
-    with_hyperparameters(base, workers_per_host="2")
+    update_hyperparameters(base, workers_per_host="2")
     config = {"current_host": "algo-1", "hosts": ["algo-1"], "network_interface_name": "ethwe"}
     (base / "input" / "config" / "resourceconfig.json").write_text(json.dumps(config))
     with pytest.raises(socket.gaierror):
         socket.gethostbyname("algo-1")
     started = time.monotonic()
-    result = run_train(base, MASTER_PORT=free_port(), **ONE_THREAD)
+    result = run_train(base, MASTER_PORT=str(free_port()), **ONE_THREAD)
     seconds = time.monotonic() - started
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"rendezvous at {LOOPBACK_ADDRESS}:" in result.stdout

@@ -8,7 +8,6 @@ metrics and bit-for-bit the same weights as the reference. The summary line goes
 
 from __future__ import annotations
 
-import json
 import random
 import signal
 import subprocess
@@ -17,8 +16,16 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import TRAIN, copy_job, failure_text, make_job, run_train, train_env
+from conftest import (
+    comparable_metrics,
+    copy_job,
+    failure_text,
+    make_job,
+    model_weights,
+    run_train,
+    same_weights,
+    start_train,
+)
 from species_classifier.atomic import PARTIAL_PREFIX
 
 HYPERPARAMETERS = {
@@ -28,27 +35,8 @@ HYPERPARAMETERS = {
     "batch_size": "8",
     "epoch_patience": "3",
 }
-TIMING_FIELDS = ("seconds", "img_per_s")
 FAULT_RUNNER = Path(__file__).with_name("fault_runner.py")
-
-
-def comparable_metrics(base: Path) -> dict:
-    metrics = json.loads((base / "output" / "data" / "metrics.json").read_text())
-    for fold in metrics["folds"]:
-        for record in fold["history"]:
-            for name in TIMING_FIELDS:
-                record.pop(name)
-    return metrics
-
-
-def weights(base: Path) -> dict[str, dict]:
-    return {p.name: torch.load(p, weights_only=True) for p in sorted((base / "model").glob("*.pt"))}
-
-
-def same_weights(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(
-        a[f].keys() == b[f].keys() and all(torch.equal(a[f][k], b[f][k]) for k in a[f]) for f in a
-    )
+pytestmark = pytest.mark.slow  # every test trains whole jobs, several times
 
 
 @pytest.fixture(scope="module")
@@ -64,16 +52,6 @@ def reference(pristine, tmp_path_factory) -> Path:
     result = run_train(base)
     assert result.returncode == 0, result.stdout + result.stderr
     return base
-
-
-def start(base: Path, command: list[str], **env: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        command,
-        env=train_env(base, **env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
 
 
 def wait_for_line(process: subprocess.Popen, needle: str) -> list[str]:
@@ -92,7 +70,7 @@ def finish(base: Path) -> None:
 
 def assert_same_as_reference(base: Path, reference: Path) -> None:
     assert comparable_metrics(base) == comparable_metrics(reference)
-    assert same_weights(weights(base), weights(reference))
+    assert same_weights(model_weights(base), model_weights(reference))
 
 
 def test_random_sigkills_then_resume_give_identical_results(pristine, reference, tmp_path, summary):
@@ -100,7 +78,7 @@ def test_random_sigkills_then_resume_give_identical_results(pristine, reference,
     base = copy_job(pristine, tmp_path / "opt_ml")
     kills, completed = 0, False
     while not completed:
-        process = start(base, [str(TRAIN)])
+        process = start_train(base)
         # After this process's first checkpointed epoch (so every restart makes progress),
         # at a random moment: mid-epoch, mid-write, between folds, or during evaluation.
         trained = any(" epoch=" in line for line in process.stdout)
@@ -125,7 +103,9 @@ def test_sigkill_in_the_middle_of_a_checkpoint_write(
 ):
     """Writes: 1 photo cache, 2 job.json, 3.. epoch checkpoints and finished folds."""
     base = copy_job(pristine, tmp_path / "opt_ml")
-    process = start(base, [sys.executable, str(FAULT_RUNNER)], KILL_ON_WRITE=str(write_number))
+    process = start_train(
+        base, [sys.executable, str(FAULT_RUNNER)], KILL_ON_WRITE=str(write_number)
+    )
     output, _ = process.communicate()
     assert process.returncode == -signal.SIGKILL, output
     assert list((base / "checkpoints").glob(f"{PARTIAL_PREFIX}*")), (
@@ -142,7 +122,7 @@ def test_sigterm_stops_within_seconds_and_the_restart_continues(
     pristine, reference, tmp_path, summary
 ):
     base = copy_job(pristine, tmp_path / "opt_ml")
-    process = start(base, [str(TRAIN)])
+    process = start_train(base)
     wait_for_line(process, "fold=1 epoch=1 ")
     sent = time.monotonic()
     process.send_signal(signal.SIGTERM)

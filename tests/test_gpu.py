@@ -24,9 +24,18 @@ from pathlib import Path
 import pytest
 import requests
 import torch
-from conftest import TRAIN, copy_job, make_job, run_train, train_env
-from test_distributed import free_port, with_hyperparameters
-from test_fault_injection import comparable_metrics, same_weights, weights
+from conftest import (
+    TRAIN,
+    comparable_metrics,
+    copy_job,
+    free_port,
+    make_job,
+    model_weights,
+    run_train,
+    same_weights,
+    train_env,
+    update_hyperparameters,
+)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -90,7 +99,7 @@ def pristine(tmp_path_factory):
 def reference(pristine, tmp_path_factory):
     """Cache on the GPU, bf16, deterministic kernels: also the uninterrupted run to resume to."""
     base = copy_job(pristine, tmp_path_factory.mktemp("reference") / "opt_ml")
-    with_hyperparameters(base, cache_device="gpu", precision="bf16")
+    update_hyperparameters(base, cache_device="gpu", precision="bf16")
     output = finished(deterministic_train(base))
     assert "in GPU memory" in output, output
     return base
@@ -106,7 +115,7 @@ def test_train_with_the_cache_in_gpu_memory_in_bf16(reference, summary):
 
 def test_train_with_the_cache_in_pinned_host_memory_in_fp16(pristine, tmp_path, summary):
     base = copy_job(pristine, tmp_path / "opt_ml")
-    with_hyperparameters(base, cache_device="cpu", precision="fp16")
+    update_hyperparameters(base, cache_device="cpu", precision="fp16")
     result = run_train(base)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "in pinned host memory" in result.stdout
@@ -124,7 +133,7 @@ def test_sigkill_and_resume_on_the_gpu_gives_the_uninterrupted_results(
     pristine, reference, tmp_path, summary
 ):
     base = copy_job(pristine, tmp_path / "opt_ml")
-    with_hyperparameters(base, cache_device="gpu", precision="bf16")
+    update_hyperparameters(base, cache_device="gpu", precision="bf16")
     process = deterministic_train(base)
     seen = []
     for line in process.stdout:
@@ -139,7 +148,7 @@ def test_sigkill_and_resume_on_the_gpu_gives_the_uninterrupted_results(
     output = finished(deterministic_train(base))
     assert "resuming after epoch" in output or "finished in an earlier run" in output, output
     assert comparable_metrics(base) == comparable_metrics(reference)
-    assert same_weights(weights(base), weights(reference))
+    assert same_weights(model_weights(base), model_weights(reference))
     summary("gpu: SIGKILL after fold 1 epoch 1, resumed: metrics and weights bit-identical")
 
 
@@ -175,7 +184,7 @@ def test_serve_on_the_gpu_answers_as_on_the_cpu(reference, tmp_path, summary):
 
 def test_train_compiled(pristine, tmp_path, summary):
     base = copy_job(pristine, tmp_path / "opt_ml")
-    with_hyperparameters(base, compile="true")
+    update_hyperparameters(base, compile="true")
     result = run_train(base)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "compile True" in result.stdout
@@ -186,10 +195,10 @@ def test_train_compiled(pristine, tmp_path, summary):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs or more for NCCL")
 def test_nccl_workers_on_one_host_match_one_worker(pristine, reference, tmp_path, summary):
     base = copy_job(pristine, tmp_path / "opt_ml")
-    with_hyperparameters(base, cache_device="gpu", precision="bf16")
+    update_hyperparameters(base, cache_device="gpu", precision="bf16")
     config = {"current_host": "algo-1", "hosts": ["algo-1"], "network_interface_name": "eth0"}
     (base / "input" / "config" / "resourceconfig.json").write_text(json.dumps(config))
-    output = finished(deterministic_train(base, MASTER_PORT=free_port()))
+    output = finished(deterministic_train(base, MASTER_PORT=str(free_port())))
     assert "[rank 1] " in output
     assert comparable_metrics(base) == comparable_metrics(reference)
     summary(f"gpu: {torch.cuda.device_count()} NCCL workers on one host: results identical")

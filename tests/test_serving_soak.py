@@ -47,6 +47,7 @@ REQUEST_TIMEOUT_S = 30
 # Batch-composition float noise on these bundles is ~3e-8; different photos differ by >6e-5.
 SAME_ANSWER_TOLERANCE = 1e-6
 IMAGE_AND_JSON = ["image/jpeg", "image/png", "application/x-image", "application/json"]
+pytestmark = pytest.mark.slow  # thousands of requests: minutes on a CPU
 
 
 @pytest.fixture(scope="module")

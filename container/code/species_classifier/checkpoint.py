@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from species_classifier.atomic import atomic_write
-from species_classifier.trainer import REFIT_FOLD, EpochRecord, FoldState
+from species_classifier.state import EpochRecord, FoldState, model_name
 
 _log = logging.getLogger(__name__)
 
@@ -58,15 +58,16 @@ class CheckpointStore:
         self._save(self._path(state.fold, "done"), finished)
         self._path(state.fold, "progress").unlink(missing_ok=True)
 
-    def load_finished(self, fold: int) -> FoldState | None:
+    def load_finished(self, fold: int | None) -> FoldState | None:
+        """The finished fold `fold`, or with None the finished refit."""
         return self._load(self._path(fold, "done"))
 
-    def load_progress(self, fold: int) -> FoldState | None:
+    def load_progress(self, fold: int | None) -> FoldState | None:
+        """The fold `fold` (or with None the refit) after its last completed epoch."""
         return self._load(self._path(fold, "progress"))
 
-    def _path(self, fold: int, kind: str) -> Path:
-        name = "refit" if fold == REFIT_FOLD else f"fold-{fold}"
-        return self.directory / f"{name}-{kind}.pt"
+    def _path(self, fold: int | None, kind: str) -> Path:
+        return self.directory / f"{model_name(fold)}-{kind}.pt"
 
     def _save(self, path: Path, state: FoldState) -> None:
         # Shallow on purpose: dataclasses.asdict would deep-copy every tensor (~100 MB) only

@@ -3,23 +3,32 @@
 The seed's method: each row's label is its species when that is a target species, else
 `other`; classes are sorted (as scikit-learn's LabelEncoder orders them); `other` can be
 downsampled for dry runs; folds come from a seeded, shuffled StratifiedKFold, and
-`k_folds=1` means one stratified 70/30 hold-out split. Every check here fails with a
-message that says what is wrong with the data and how to fix it.
+`k_folds=1` means one stratified 70/30 hold-out split. The CSV is read with pandas as
+text, cell for cell: UTF-8 with or without a byte-order mark (Excel's "CSV UTF-8"),
+UTF-16, or Windows-1252 (Excel's plain "CSV" on Windows); values in double quotes may hold
+commas. Every check here fails with a message that says what is wrong with the data and
+how to fix it.
 """
 
 from __future__ import annotations
 
-import csv
+import codecs
 import difflib
+import io
+import logging
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from species_classifier.channel import REQUIRED_COLUMNS, DatasetError, find_csv  # noqa: F401
+
+_log = logging.getLogger(__name__)
 
 OTHER = "other"
 HOLDOUT_FRACTION = 0.3
@@ -50,32 +59,80 @@ class LabelledPhotos:
 
 def read_rows(csv_path: Path) -> list[tuple[str, str]]:
     """(species_name, image_name) for each row; columns and empty cells checked."""
-    with csv_path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-        if missing:
-            raise DatasetError(
-                f"{csv_path.name} lacks the column(s) {', '.join(missing)}: it has "
-                f"{columns or 'no header'}; rename the columns or fix the header line"
-            )
-        reader.fieldnames = columns
-        rows, blank_lines = [], []
-        for line, row in enumerate(reader, start=2):
-            species, image = (str(row.get(c) or "").strip() for c in REQUIRED_COLUMNS)
-            if not species or not image:
-                blank_lines.append(line)
-            else:
-                rows.append((species, image))
-    if blank_lines:
+    table = _read_table(csv_path)
+    columns = [str(c).strip() for c in table.columns]
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise DatasetError(
+            f"{csv_path.name} lacks the column(s) {', '.join(missing)}: it has "
+            f"{columns or 'no header'}; rename the columns or fix the header line"
+        )
+    table.columns = columns
+    cells = table[list(REQUIRED_COLUMNS)].apply(lambda column: column.str.strip())
+    blank = (cells == "").any(axis=1).to_numpy()
+    if blank.any():
+        # Line numbers as an editor shows them: the header is line 1.
+        blank_lines = (np.flatnonzero(blank) + 2).tolist()
         shown = ", ".join(map(str, blank_lines[:10]))
         raise DatasetError(
             f"{csv_path.name}: {len(blank_lines)} row(s) with an empty species_name or "
             f"image_name (lines {shown}{', ...' if len(blank_lines) > 10 else ''}): fill or delete them"
         )
-    if not rows:
+    if cells.empty:
         raise DatasetError(f"{csv_path.name} has no data rows")
-    return rows
+    return list(cells.itertuples(index=False, name=None))
+
+
+def _read_table(csv_path: Path) -> pd.DataFrame:
+    """Every cell as text, as written: no missing-value guessing ("NA" is a name too)."""
+    text = _decode(csv_path)
+    try:
+        return pd.read_csv(io.StringIO(text), dtype=str, na_filter=False, skipinitialspace=True)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
+    except pd.errors.ParserError as error:
+        raise DatasetError(
+            f"{csv_path.name} is not a well-formed CSV: {_parser_problem(error)}"
+        ) from None
+
+
+def _decode(csv_path: Path) -> str:
+    """UTF-8, with or without a byte-order mark; UTF-16 with one; else Windows-1252, the
+    encoding of a CSV that Excel saved on Windows."""
+    raw = csv_path.read_bytes()
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return raw.decode("utf-16")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as not_utf8:
+        try:
+            text = raw.decode("cp1252")
+        except UnicodeDecodeError:
+            raise DatasetError(
+                f"{csv_path.name} is not UTF-8 text (byte 0x{raw[not_utf8.start]:02x} at "
+                f"offset {not_utf8.start}): save it as CSV UTF-8"
+            ) from None
+        _log.warning("%s is not UTF-8: read it as Windows-1252 (cp1252)", csv_path.name)
+        return text
+
+
+def _parser_problem(error: pd.errors.ParserError) -> str:
+    """pandas' tokenizer error, said with the line an editor shows, and what to do."""
+    message = str(error)
+    fields = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", message)
+    if fields:
+        expected, line, saw = fields.groups()
+        return (
+            f"line {line} has {saw} fields where the header has {expected}: put values that "
+            'contain commas in double quotes ("Acer rubrum, red maple") or remove the extra commas'
+        )
+    quote = re.search(r"EOF inside string starting at row (\d+)", message)
+    if quote:
+        return (
+            f"the double quote opened on line {int(quote[1]) + 1} is never closed: close it, "
+            'or write a quote inside a value as two ("")'
+        )
+    return message.removeprefix("Error tokenizing data. C error: ").strip()
 
 
 def label_photos(

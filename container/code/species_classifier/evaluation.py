@@ -33,7 +33,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from species_classifier.calibration import apply_temperature, calibrate, reliability
 from species_classifier.dataset import LabelledPhotos
-from species_classifier.trainer import FoldState
+from species_classifier.state import FoldState
 
 if TYPE_CHECKING:
     from species_classifier.holdout import HoldoutResult
@@ -115,6 +115,8 @@ def summarize(
     fold_indices: list[np.ndarray],
     photos: LabelledPhotos,
     skipped: int,
+    *,
+    final_model: dict,
 ) -> dict:
     """metrics.json: per fold (best epoch), mean and std over folds, pooled out-of-fold,
     and the calibration of the out-of-fold confidences with the temperature to serve."""
@@ -148,6 +150,7 @@ def summarize(
             "skipped": skipped,
             "per_class": photos.class_counts(),
         },
+        "final_model": final_model,
     }
 
 

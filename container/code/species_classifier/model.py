@@ -19,6 +19,8 @@ HEAD_DROPOUT = 0.5
 
 # The seed's differential learning rates: early blocks barely move, the new head moves most.
 LR_MULTIPLIERS = {"features[0:3]": 0.1, "features[3:6]": 0.5, "features[6:9]": 1.0, "head": 10.0}
+# The group whose learning rate is the base rate (multiplier 1): the one a log line reports.
+BASE_GROUP = "features[6:9]"
 
 
 class WeightsMissingError(FileNotFoundError):
@@ -57,7 +59,8 @@ def reset_head(model: nn.Module) -> None:
 
 
 def parameter_groups(model: nn.Module, learning_rate: float) -> list[dict]:
-    """Adam parameter groups with the seed's per-block learning-rate multipliers."""
+    """Adam parameter groups with the seed's per-block learning-rate multipliers, each
+    carrying its block's name (optimisers keep extra keys of a group as they are)."""
     features = model.features
     blocks = {
         "features[0:3]": features[0:3],
@@ -66,6 +69,15 @@ def parameter_groups(model: nn.Module, learning_rate: float) -> list[dict]:
         "head": model.classifier,
     }
     return [
-        {"params": list(module.parameters()), "lr": learning_rate * LR_MULTIPLIERS[name]}
+        {
+            "name": name,
+            "params": list(module.parameters()),
+            "lr": learning_rate * LR_MULTIPLIERS[name],
+        }
         for name, module in blocks.items()
     ]
+
+
+def base_learning_rate(optimizer: torch.optim.Optimizer) -> float:
+    """The base learning rate as the scheduler has left it (it scales every group alike)."""
+    return next(g["lr"] for g in optimizer.param_groups if g["name"] == BASE_GROUP)

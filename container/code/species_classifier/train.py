@@ -18,6 +18,7 @@ import signal
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -44,15 +45,8 @@ from species_classifier.distributed import Workers, join_process_group, launch, 
 from species_classifier.evaluation import summarize, write_outputs, write_skipped
 from species_classifier.model import WeightsMissingError, build_model
 from species_classifier.paths import BASE_DIR_ENV, JobPaths
-from species_classifier.trainer import (
-    REFIT_FOLD,
-    EpochRecord,
-    FoldData,
-    FoldState,
-    FoldTrainer,
-    TrainingStopped,
-    format_duration,
-)
+from species_classifier.state import EpochRecord, FoldState
+from species_classifier.trainer import FoldData, FoldTrainer, TrainingStopped, format_duration
 
 _log = logging.getLogger("species_classifier.train")
 
@@ -159,6 +153,60 @@ def run(paths: JobPaths, config: TrainingConfig, workers: Workers) -> None:
     job_started = time.perf_counter()
     if workers.is_leader:
         _log.info("hyperparameters: %s", json.dumps(config.to_dict()))
+    device = workers.device()
+    job_photos = load_photos(paths, config, workers, device)
+    photos = job_photos.photos
+    folds = make_folds(photos.labels, config.k_folds, config.seed)
+    store = CheckpointStore(
+        paths.checkpoint_dir, _fingerprint(config, photos, paths.training_channel)
+    )
+    if workers.local_rank == 0:
+        store.open()
+    workers.barrier()
+
+    torch.manual_seed(config.seed)  # random initial weights, when not pretrained, are the job's own
+    model = build_model(len(photos.classes), config.pretrained)
+    trainer = FoldTrainer(model, config, device, len(photos.classes))
+    finished = train_own_folds(trainer, store, job_photos, folds, workers)
+    refit = None
+    if config.final_model == "refit":
+        refit = refit_on_all_photos(trainer, store, job_photos, finished, workers)
+    if not workers.is_leader:
+        return
+    settings = {
+        **config.to_dict(),
+        "csv": job_photos.csv_name,
+        "device": _device_name(device),
+        "precision": trainer.precision,
+        "workers": workers.world_size,
+    }
+    publish(paths, config, job_photos, folds, finished, refit, settings)
+    _log.info(
+        "done in %s: model in %s, report in %s",
+        format_duration(time.perf_counter() - job_started),
+        paths.model_dir,
+        paths.output_data_dir / "report.md",
+    )
+
+
+@dataclass(frozen=True)
+class JobPhotos:
+    """The training channel's readable photos, labelled, and their pixels decoded once."""
+
+    csv_name: str
+    photos: LabelledPhotos
+    pixels: torch.Tensor  # uint8 NHWC in photo order, where training reads it from
+    skipped: int  # unreadable photos left out
+    held_out: LabelledPhotos | None  # set aside before the folds (holdout_fraction), unread
+
+    def fold_data(self, train_index: np.ndarray, val_index: np.ndarray) -> FoldData:
+        return FoldData(self.pixels, torch.from_numpy(self.photos.labels), train_index, val_index)
+
+
+def load_photos(
+    paths: JobPaths, config: TrainingConfig, workers: Workers, device: torch.device
+) -> JobPhotos:
+    """Phase 1: the CSV's labelled photos, checked, decoded into the cache, placed for training."""
     channel = paths.training_channel
     csv_path = find_csv(channel, config.csv_file)
     photos = label_photos(
@@ -179,33 +227,36 @@ def run(paths: JobPaths, config: TrainingConfig, workers: Workers) -> None:
     readable = cache.readable
     photos = photos.subset(readable)
     check_class_sizes(photos, config.k_folds, unreadable=len(cache.failures))
-
-    device = workers.device()
     pixels = _place_cache(torch.from_numpy(cache.pixels[readable]), device, config.cache_device)
-    labels = torch.from_numpy(photos.labels)
-    folds = make_folds(photos.labels, config.k_folds, config.seed)
-    store = CheckpointStore(paths.checkpoint_dir, _fingerprint(config, photos, channel))
-    if workers.local_rank == 0:
-        store.open()
-    workers.barrier()
+    return JobPhotos(csv_path.name, photos, pixels, len(cache.failures), held_out)
 
-    torch.manual_seed(config.seed)  # random initial weights, when not pretrained, are the job's own
-    model = build_model(len(photos.classes), config.pretrained)
-    trainer = FoldTrainer(model, config, device, len(photos.classes))
+
+def train_own_folds(
+    trainer: FoldTrainer,
+    store: CheckpointStore,
+    job_photos: JobPhotos,
+    folds: list[tuple[np.ndarray, np.ndarray]],
+    workers: Workers,
+) -> list[FoldState]:
+    """Phase 2: this worker's folds, each resumed from its checkpoint or skipped when done.
+
+    Returns every fold of the job on the leader (gathered from all workers, in fold order),
+    this worker's own elsewhere.
+    """
+    config = trainer.config
     my_folds = [fold for fold in range(1, len(folds) + 1) if workers.owns_fold(fold)]
     _log.info(
         "device %s, precision %s, compile %s, fold(s) %s of %d, up to %d epochs each",
-        _device_name(device),
+        _device_name(trainer.device),
         trainer.precision,
         config.compile,
         my_folds,
         len(folds),
         config.num_epochs,
     )
-    progress = _Progress(config, len(my_folds))
+    progress = Progress(config.num_epochs, my_folds)
     finished: list[FoldState] = []
     for fold in my_folds:
-        train_index, val_index = folds[fold - 1]
         done = store.load_finished(fold)
         if done is not None:
             _log.info(
@@ -218,7 +269,7 @@ def run(paths: JobPaths, config: TrainingConfig, workers: Workers) -> None:
         state = store.load_progress(fold) or FoldState(fold=fold)
         if state.epoch:
             _log.info("fold %d: resuming after epoch %d", fold, state.epoch)
-        data = FoldData(pixels, labels, train_index, val_index)
+        data = job_photos.fold_data(*folds[fold - 1])
         state = trainer.run(data, state, store.save_progress, progress.report)
         store.save_finished(state)
         _log.info(
@@ -227,38 +278,55 @@ def run(paths: JobPaths, config: TrainingConfig, workers: Workers) -> None:
         finished.append(state)
 
     gathered = workers.gather_to_leader(finished)
-    if workers.is_leader:
-        finished = sorted((s for states in gathered for s in states), key=lambda s: s.fold)
-    refit = None
-    if config.final_model == "refit":
-        # As many epochs as the folds needed to reach their best, on all photos at once.
-        epochs = workers.share_from_leader(
-            int(np.median([s.best_epoch for s in finished])) if workers.is_leader else None
-        )
-        everything = FoldData(pixels, labels, np.arange(len(labels)), np.arange(0))
-        state = store.load_finished(REFIT_FOLD) or store.load_progress(REFIT_FOLD)
-        save = store.save_progress if workers.is_leader else (lambda _state: None)
-        refit = trainer.refit(
-            everything,
-            epochs,
-            (workers.rank, workers.world_size),
-            state or FoldState(fold=REFIT_FOLD),
-            save,
-        )
-        if workers.is_leader:
-            store.save_finished(refit)
     if not workers.is_leader:
-        return
+        return finished
+    return sorted((s for states in gathered for s in states), key=lambda s: s.fold)
+
+
+def refit_on_all_photos(
+    trainer: FoldTrainer,
+    store: CheckpointStore,
+    job_photos: JobPhotos,
+    finished: list[FoldState],
+    workers: Workers,
+) -> FoldState:
+    """Phase 3 (final_model=refit): one model on all photos at once, data-parallel across
+    the workers, for as many epochs as the folds needed to reach their best."""
+    epochs = workers.share_from_leader(
+        int(np.median([s.best_epoch for s in finished])) if workers.is_leader else None
+    )
+    everything = job_photos.fold_data(np.arange(len(job_photos.photos.labels)), np.arange(0))
+    # fold=None names the refit: its checkpoints are refit-*.pt, its bundle member "refit".
+    state = store.load_finished(None) or store.load_progress(None) or FoldState(fold=None)
+    save = store.save_progress if workers.is_leader else (lambda _state: None)
+    refit = trainer.refit(everything, epochs, (workers.rank, workers.world_size), state, save)
+    if workers.is_leader:
+        store.save_finished(refit)
+    return refit
+
+
+def publish(
+    paths: JobPaths,
+    config: TrainingConfig,
+    job_photos: JobPhotos,
+    folds: list[tuple[np.ndarray, np.ndarray]],
+    finished: list[FoldState],
+    refit: FoldState | None,
+    settings: dict,
+) -> None:
+    """Phase 4, on the leader only: metrics, plots and report in output/data, the model bundle."""
+    photos, channel = job_photos.photos, paths.training_channel
     fold_indices = [val for _, val in folds]
-    metrics = summarize(finished, fold_indices, photos, skipped=len(cache.failures))
-    metrics["final_model"] = (
-        {
+    if refit is None:
+        final_model = {"strategy": "ensemble", "members": len(finished)}
+    else:
+        final_model = {
             "strategy": "refit",
             "epochs": refit.epoch,
             "train_loss": [r.train_loss for r in refit.history],
         }
-        if refit is not None
-        else {"strategy": "ensemble", "members": len(finished)}
+    metrics = summarize(
+        finished, fold_indices, photos, skipped=job_photos.skipped, final_model=final_model
     )
     _log.info(
         "%s",
@@ -266,23 +334,12 @@ def run(paths: JobPaths, config: TrainingConfig, workers: Workers) -> None:
             metrics["mean_macro_f1"], metrics["std_macro_f1"], metrics["out_of_fold"]["macro_f1"]
         ),
     )
-    settings = {
-        **config.to_dict(),
-        "csv": csv_path.name,
-        "device": _device_name(device),
-        "precision": trainer.precision,
-        "workers": workers.world_size,
-    }
     _write_model(paths, config, photos, [refit] if refit else finished, metrics, settings)
+    # The bundle is written first: the holdout is scored by it, exactly as `serve` loads it.
+    held_out = job_photos.held_out
     scored = holdout.score(paths.model_dir, held_out, channel) if held_out is not None else None
     write_outputs(
         paths.output_data_dir, metrics, finished, fold_indices, photos, channel, settings, scored
-    )
-    _log.info(
-        "done in %s: model in %s, report in %s",
-        format_duration(time.perf_counter() - job_started),
-        paths.model_dir,
-        paths.output_data_dir / "report.md",
     )
 
 
@@ -354,19 +411,24 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-class _Progress:
-    """Per-epoch log line: the scrapeable metrics, then learning rate, best so far and ETAs."""
+class Progress:
+    """Per-epoch log line: the scrapeable metrics, then learning rate, best so far and ETAs.
 
-    def __init__(self, config: TrainingConfig, fold_count: int) -> None:
-        self.config = config
-        self.fold_count = fold_count
+    The ETAs are upper bounds (every remaining epoch run, none stopped early) for this
+    worker: the rest of its current fold, and that plus its folds still to come.
+    """
+
+    def __init__(self, num_epochs: int, my_folds: list[int]) -> None:
+        self.num_epochs = num_epochs
+        self.my_folds = my_folds
         self.epoch_seconds: list[float] = []
 
     def report(self, state: FoldState, record: EpochRecord) -> None:
         self.epoch_seconds.append(record.seconds)
         per_epoch = float(np.mean(self.epoch_seconds))
-        fold_left = per_epoch * (self.config.num_epochs - record.epoch)
-        job_left = fold_left + per_epoch * self.config.num_epochs * (self.fold_count - state.fold)
+        fold_left = per_epoch * (self.num_epochs - record.epoch)
+        folds_to_come = sum(1 for fold in self.my_folds if fold > state.fold)
+        job_left = fold_left + per_epoch * self.num_epochs * folds_to_come
         line = metric_lines.epoch_line(
             state.fold,
             record.epoch,
@@ -392,10 +454,10 @@ def _write_model(paths, config, photos, finished, metrics, settings) -> None:
     for stale in [*paths.model_dir.glob("*.pt"), *paths.model_dir.glob("model.json")]:
         stale.unlink()
     members = [
-        Member(name="refit", weights_file="refit.pt")
-        if s.fold == REFIT_FOLD
-        else Member(
-            name=f"fold-{s.fold}", weights_file=f"fold-{s.fold}.pt", val_macro_f1=s.best_macro_f1
+        Member(
+            name=s.name,
+            weights_file=f"{s.name}.pt",
+            val_macro_f1=None if s.is_refit else s.best_macro_f1,
         )
         for s in finished
     ]

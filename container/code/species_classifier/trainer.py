@@ -21,7 +21,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,7 +32,8 @@ from torch import nn
 from species_classifier.augment import augment
 from species_classifier.config import TrainingConfig
 from species_classifier.imaging import normalize
-from species_classifier.model import parameter_groups, reset_head
+from species_classifier.model import base_learning_rate, parameter_groups, reset_head
+from species_classifier.state import EpochRecord, FoldState
 
 _log = logging.getLogger(__name__)
 
@@ -54,36 +55,6 @@ def epoch_seed(seed: int, fold: int, epoch: int) -> int:
     return (seed * 1_000_003 + fold * 10_007 + epoch) % 2**63
 
 
-@dataclass
-class EpochRecord:
-    epoch: int
-    train_loss: float
-    val_loss: float
-    val_macro_f1: float
-    val_accuracy: float
-    learning_rate: float
-    seconds: float
-    img_per_s: float
-
-
-@dataclass
-class FoldState:
-    """Everything needed to continue a fold exactly: written after every epoch."""
-
-    fold: int
-    epoch: int = 0
-    model: dict = field(default_factory=dict)
-    optimizer: dict = field(default_factory=dict)
-    scheduler: dict = field(default_factory=dict)
-    scaler: dict = field(default_factory=dict)
-    best_macro_f1: float = -1.0
-    best_epoch: int = 0
-    best_model: dict = field(default_factory=dict)
-    best_val_probs: torch.Tensor | None = None
-    epochs_without_improvement: int = 0
-    history: list[EpochRecord] = field(default_factory=list)
-
-
 @dataclass(frozen=True)
 class FoldData:
     pixels: torch.Tensor  # the whole photo cache, uint8 NHWC, on its storage device
@@ -92,7 +63,8 @@ class FoldData:
     val_index: np.ndarray
 
 
-REFIT_FOLD = 0  # the fold number of the model trained on all photos
+# The refit draws its random numbers from seed stream 0: folds use 1..K, so it repeats none.
+REFIT_SEED_STREAM = 0
 
 
 class TrainingStopped(BaseException):
@@ -138,7 +110,7 @@ class FoldTrainer:
     ) -> FoldState:
         """Train `state.fold` from `state.epoch` until early stopping or num_epochs."""
         config = self.config
-        criterion, optimizer, scaler = self._start(data, state)
+        criterion, optimizer, scaler = self._start(data, state, state.fold)
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="max", factor=LR_FACTOR, patience=LR_PATIENCE
         )
@@ -164,23 +136,17 @@ class FoldTrainer:
                 val_loss=val_loss,
                 val_macro_f1=macro_f1,
                 val_accuracy=float((predicted == val_labels).mean()),
-                learning_rate=optimizer.param_groups[2]["lr"],
+                learning_rate=base_learning_rate(optimizer),
                 seconds=time.perf_counter() - started,
                 img_per_s=len(data.train_index) / max(train_seconds, 1e-9),
             )
-            state.history.append(record)
-            state.epoch = epoch
-            if macro_f1 > state.best_macro_f1:
-                state.best_macro_f1, state.best_epoch = macro_f1, epoch
-                state.best_model = _cpu_copy(self.model.state_dict())
+            improved = macro_f1 > state.best_macro_f1
+            if improved:
                 state.best_val_probs = val_probs
                 state.epochs_without_improvement = 0
             else:
                 state.epochs_without_improvement += 1
-            state.model = _cpu_copy(self.model.state_dict())
-            state.optimizer = optimizer.state_dict()
-            state.scheduler = scheduler.state_dict()
-            state.scaler = scaler.state_dict()
+            self._end_epoch(state, record, improved, optimizer, scaler, scheduler)
             on_epoch_end(state)
             if on_progress is not None:
                 on_progress(state, record)
@@ -198,9 +164,10 @@ class FoldTrainer:
 
         Data-parallel across workers (DistributedDataParallel averages the gradients), with
         no validation set: the epoch count comes from the folds, and the learning rate stays
-        at its starting value because ReduceLROnPlateau has nothing to watch.
+        at its starting value because ReduceLROnPlateau has nothing to watch. Every epoch's
+        weights are its best, since there is nothing to compare them against.
         """
-        criterion, optimizer, scaler = self._start(data, state)
+        criterion, optimizer, scaler = self._start(data, state, REFIT_SEED_STREAM)
         forward = self.forward
         if shard[1] > 1:
             device_ids = [self.device] if self.device.type == "cuda" else None
@@ -209,39 +176,58 @@ class FoldTrainer:
             epoch = state.epoch + 1
             started = time.perf_counter()
             loss = self._train_epoch(
-                data, criterion, optimizer, scaler, state.fold, epoch, forward, shard
+                data, criterion, optimizer, scaler, REFIT_SEED_STREAM, epoch, forward, shard
             )
             seconds = time.perf_counter() - started
-            state.history.append(
-                EpochRecord(
-                    epoch=epoch,
-                    train_loss=loss,
-                    val_loss=math.nan,
-                    val_macro_f1=math.nan,
-                    val_accuracy=math.nan,
-                    learning_rate=optimizer.param_groups[2]["lr"],
-                    seconds=seconds,
-                    img_per_s=len(data.train_index) / max(seconds, 1e-9),
-                )
+            record = EpochRecord(
+                epoch=epoch,
+                train_loss=loss,
+                val_loss=math.nan,
+                val_macro_f1=math.nan,
+                val_accuracy=math.nan,
+                learning_rate=base_learning_rate(optimizer),
+                seconds=seconds,
+                img_per_s=len(data.train_index) / max(seconds, 1e-9),
             )
-            state.epoch = state.best_epoch = epoch
-            state.model = state.best_model = _cpu_copy(self.model.state_dict())
-            state.optimizer = optimizer.state_dict()
-            state.scaler = scaler.state_dict()
+            self._end_epoch(state, record, True, optimizer, scaler)
             on_epoch_end(state)
             _log.info(
                 "refit epoch=%d/%d train_loss=%.4f img_per_s=%.0f epoch_s=%.1f",
                 epoch,
                 epochs,
                 loss,
-                len(data.train_index) / max(seconds, 1e-9),
+                record.img_per_s,
                 seconds,
             )
         return state
 
-    def _start(self, data: FoldData, state: FoldState):
+    def _end_epoch(
+        self,
+        state: FoldState,
+        record: EpochRecord,
+        improved: bool,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+        scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau | None = None,
+    ) -> None:
+        """Record the epoch in the state, with everything a restart needs to continue it."""
+        state.history.append(record)
+        state.epoch = record.epoch
+        # One CPU copy serves as both the latest and the best weights: neither is modified
+        # in place, and torch.save stores shared tensors once.
+        state.model = _cpu_copy(self.model.state_dict())
+        if improved:
+            state.best_macro_f1, state.best_epoch = record.val_macro_f1, record.epoch
+            state.best_model = state.model
+        state.optimizer = optimizer.state_dict()
+        state.scaler = scaler.state_dict()
+        if scheduler is not None:
+            state.scheduler = scheduler.state_dict()
+
+    def _start(self, data: FoldData, state: FoldState, seed_stream: int):
         """Loss, optimiser and scaler for the photos in data.train_index, and the network's
-        weights: fresh (seeded by fold) at epoch 0, else exactly as the state left them."""
+        weights: fresh (the head seeded by `seed_stream`) at epoch 0, else exactly as the
+        state left them."""
         labels = data.labels[data.train_index]
         criterion = nn.CrossEntropyLoss(weight=self._class_weights(labels).to(self.device))
         optimizer = torch.optim.Adam(
@@ -251,7 +237,7 @@ class FoldTrainer:
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         if state.epoch == 0:
             self.model.load_state_dict(self.initial_state)
-            torch.manual_seed(epoch_seed(self.config.seed, state.fold, 0))
+            torch.manual_seed(epoch_seed(self.config.seed, seed_stream, 0))
             reset_head(self.model)
         else:
             self.model.load_state_dict(state.model)

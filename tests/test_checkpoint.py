@@ -1,0 +1,57 @@
+"""The resume store: folds and the refit each in their own files, round-tripped exactly."""
+
+from __future__ import annotations
+
+import torch
+from species_classifier.checkpoint import CheckpointStore
+from species_classifier.state import EpochRecord, FoldState
+
+
+def state_after_one_epoch(fold: int | None) -> FoldState:
+    weights = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    return FoldState(
+        fold=fold,
+        epoch=1,
+        model=weights,
+        optimizer={"state": {}, "param_groups": [{"name": "head", "lr": 1e-3, "params": [0]}]},
+        best_macro_f1=0.5,
+        best_epoch=1,
+        best_model=weights,  # the same tensors, as the trainer shares them
+        best_val_probs=torch.full((4, 5), 0.2),
+        history=[EpochRecord(1, 1.5, 1.4, 0.5, 0.6, 1e-4, 2.0, 300.0)],
+    )
+
+
+def test_a_fold_and_the_refit_keep_separate_files_and_come_back_whole(tmp_path):
+    store = CheckpointStore(tmp_path, fingerprint="job-a")
+    store.open()
+    fold, refit = state_after_one_epoch(2), state_after_one_epoch(None)
+    store.save_progress(fold)
+    store.save_progress(refit)
+    assert {p.name for p in tmp_path.glob("*.pt")} == {"fold-2-progress.pt", "refit-progress.pt"}
+
+    loaded = store.load_progress(None)
+    assert loaded.is_refit and loaded.name == "refit"
+    assert loaded.history == refit.history
+    assert torch.equal(loaded.best_model["w"], refit.best_model["w"])
+    assert loaded.optimizer["param_groups"][0]["name"] == "head"
+    assert store.load_progress(2).fold == 2 and store.load_progress(1) is None
+
+    store.save_finished(refit)
+    assert store.load_progress(None) is None
+    done = store.load_finished(None)
+    assert (
+        done.model == {}
+        and done.optimizer == {}
+        and torch.equal(done.best_model["w"], refit.best_model["w"])
+    )
+
+
+def test_another_jobs_checkpoints_are_dropped(tmp_path):
+    first = CheckpointStore(tmp_path, fingerprint="job-a")
+    first.open()
+    first.save_progress(state_after_one_epoch(1))
+    first.save_finished(state_after_one_epoch(None))
+    second = CheckpointStore(tmp_path, fingerprint="job-b")
+    second.open()
+    assert second.load_progress(1) is None and second.load_finished(None) is None
