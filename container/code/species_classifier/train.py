@@ -181,6 +181,7 @@ def run(paths: JobPaths, config: TrainingConfig, workers: Workers) -> None:
 
     device = workers.device()
     pixels = _place_cache(torch.from_numpy(cache.pixels[readable]), device, config.cache_device)
+    sizes = torch.from_numpy(cache.sizes[readable])
     labels = torch.from_numpy(photos.labels)
     folds = make_folds(photos.labels, config.k_folds, config.seed)
     store = CheckpointStore(paths.checkpoint_dir, _fingerprint(config, photos, channel))
@@ -217,7 +218,7 @@ def run(paths: JobPaths, config: TrainingConfig, workers: Workers) -> None:
         state = store.load_progress(fold) or FoldState(fold=fold)
         if state.epoch:
             _log.info("fold %d: resuming after epoch %d", fold, state.epoch)
-        data = FoldData(pixels, labels, train_index, val_index)
+        data = FoldData(pixels, sizes, labels, train_index, val_index)
         state = trainer.run(data, state, store.save_progress, progress.report)
         store.save_finished(state)
         _log.info(
@@ -234,7 +235,7 @@ def run(paths: JobPaths, config: TrainingConfig, workers: Workers) -> None:
         epochs = workers.share_from_leader(
             int(np.median([s.best_epoch for s in finished])) if workers.is_leader else None
         )
-        everything = FoldData(pixels, labels, np.arange(len(labels)), np.arange(0))
+        everything = FoldData(pixels, sizes, labels, np.arange(len(labels)), np.arange(0))
         state = store.load_finished(REFIT_FOLD) or store.load_progress(REFIT_FOLD)
         save = store.save_progress if workers.is_leader else (lambda _state: None)
         refit = trainer.refit(
@@ -367,6 +368,7 @@ class _Progress:
             state.fold,
             record.epoch,
             record.train_loss,
+            record.train_macro_f1,
             record.val_loss,
             record.val_macro_f1,
             record.img_per_s,
