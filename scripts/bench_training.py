@@ -31,9 +31,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from machine import describe  # noqa: E402
 from PIL import Image  # noqa: E402
+from species_classifier.cache import PhotoCache, build_cache  # noqa: E402
 from species_classifier.config import TrainingConfig  # noqa: E402
 from species_classifier.demo_data import DEMO_TARGETS, make_demo_dataset  # noqa: E402
-from species_classifier.imaging import IMAGENET_MEAN, IMAGENET_STD, decode_photo  # noqa: E402
+from species_classifier.imaging import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from species_classifier.model import build_model, parameter_groups  # noqa: E402
 from species_classifier.trainer import FoldData, FoldTrainer, choose_precision  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
@@ -78,10 +79,11 @@ def bench_model_only(device, img_size, batch_size, steps, precision) -> float:
     return steps * batch_size / (time.perf_counter() - started)
 
 
-def bench_our_loop(device, photos: np.ndarray, batch_size, epochs) -> float:
+def bench_our_loop(device, cache: PhotoCache, img_size, batch_size, epochs) -> float:
+    photos = cache.pixels
     config = TrainingConfig(
         target_species=("x",),
-        img_size=photos.shape[1],
+        img_size=img_size,
         batch_size=batch_size,
         learning_rate=1e-4,
         pretrained=False,
@@ -89,7 +91,8 @@ def bench_our_loop(device, photos: np.ndarray, batch_size, epochs) -> float:
     trainer = FoldTrainer(build_model(NUM_CLASSES, False), config, device, NUM_CLASSES)
     pixels = torch.from_numpy(photos).to(device)
     labels = torch.randint(0, NUM_CLASSES, (len(photos),))
-    data = FoldData(pixels, labels, np.arange(len(photos)), np.arange(0))
+    sizes = torch.from_numpy(cache.sizes)
+    data = FoldData(pixels, sizes, labels, np.arange(len(photos)), np.arange(0))
     criterion = torch.nn.CrossEntropyLoss().to(device)
     optimizer = torch.optim.Adam(parameter_groups(trainer.model, 1e-4), fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=trainer.precision == "fp16")
@@ -210,10 +213,10 @@ def main() -> None:
         root = Path(scratch)
         make_demo_dataset(root / "photos", max(1, args.photos // 7), photo_size=500)
         paths = sorted((root / "photos" / "images").rglob("*.jpg"))
-        cache = np.stack([decode_photo(p, args.img_size) for p in paths])
+        cache = build_cache(paths, root / "photos", args.img_size, workers=0)
 
         ceiling = bench_model_only(device, args.img_size, args.batch_size, args.steps, precision)
-        ours = bench_our_loop(device, cache, args.batch_size, args.epochs)
+        ours = bench_our_loop(device, cache, args.img_size, args.batch_size, args.epochs)
         seed = bench_seed_style(device, paths, args.img_size, args.epochs)
         job = (
             None
