@@ -105,7 +105,9 @@ def build_cache(
     inside = [path.resolve().is_relative_to(root) for path in paths]
     started = time.perf_counter()
     # The slot's shape comes from the photos' headers, read before any pixel is decoded.
-    aspects = _run(workers, lambda row: _header_aspect(paths[row]) if inside[row] else None, paths)
+    aspects = _run(
+        workers, lambda row: _header_aspect(paths[row]) if inside[row] else None, len(paths)
+    )
     rows, cols = slot_shape(img_size, [a for a in aspects if a is not None])
     pixels = np.zeros((len(paths), rows, cols, 3), dtype=np.uint8)
     sizes = np.zeros((len(paths), 4), dtype=np.int32)
@@ -126,7 +128,7 @@ def build_cache(
         pixels[row, :stored_rows, :stored_cols] = photo
         sizes[row] = (height, width, stored_rows, stored_cols)
 
-    _run(workers, decode_into, paths, progress="decoded")
+    _run(workers, decode_into, len(paths), progress="decoded")
     seconds = time.perf_counter() - started
     readable = np.ones(len(paths), dtype=bool)
     readable[list(failures)] = False
@@ -154,14 +156,15 @@ def build_cache(
     return cache
 
 
-def _run(workers: int, work: Callable[[int], object], paths: list, progress: str = "") -> list:
+def _run(workers: int, work: Callable[[int], object], count: int, progress: str = "") -> list:
+    """work(row) for rows 0..count-1 on a thread pool, results in row order."""
     pool = ThreadPoolExecutor(max_workers=workers)
     results = []
     try:
-        for done, result in enumerate(pool.map(work, range(len(paths))), start=1):
+        for done, result in enumerate(pool.map(work, range(count)), start=1):
             results.append(result)
             if progress and done % 5000 == 0:
-                _log.info("photo cache: %s %d/%d", progress, done, len(paths))
+                _log.info("photo cache: %s %d/%d", progress, done, count)
     finally:
         # On SIGTERM, drop the queued photos instead of decoding them all before exiting.
         pool.shutdown(cancel_futures=True)
