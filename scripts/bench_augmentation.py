@@ -113,7 +113,7 @@ def out_of_fold_f1(arm: Arm, folds, labels) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--img-size", type=int, default=48)
-    parser.add_argument("--photos-per-species", type=int, default=24)
+    parser.add_argument("--photos-per-species", type=int, default=12)
     parser.add_argument("--folds", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=16)
