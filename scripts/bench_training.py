@@ -39,9 +39,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from machine import describe  # noqa: E402
 from PIL import Image  # noqa: E402
+from species_classifier.cache import PhotoCache, build_cache  # noqa: E402
 from species_classifier.config import TrainingConfig  # noqa: E402
 from species_classifier.demo_data import DEMO_TARGETS, make_demo_dataset  # noqa: E402
-from species_classifier.imaging import IMAGENET_MEAN, IMAGENET_STD, decode_photo  # noqa: E402
+from species_classifier.imaging import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from species_classifier.model import build_model, parameter_groups  # noqa: E402
 from species_classifier.trainer import FoldData, FoldTrainer, choose_precision  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
@@ -96,13 +97,19 @@ def bench_model_only(device, img_size, batch_size, steps, precision, compile_bac
 
 
 def bench_our_loop(
-    device, photos: np.ndarray, batch_size, epochs, compile_backend=None, deterministic=False
+    device,
+    cache: PhotoCache,
+    img_size,
+    batch_size,
+    epochs,
+    compile_backend=None,
+    deterministic=False,
 ):
     """Our loop over the photos (whole batches only, so a compiled model sees one shape);
     compiled as `compile=true` compiles it, with `compile_backend` when that is not inductor."""
     config = TrainingConfig(
         target_species=("x",),
-        img_size=photos.shape[1],
+        img_size=img_size,
         batch_size=batch_size,
         learning_rate=1e-4,
         pretrained=False,
@@ -111,10 +118,12 @@ def bench_our_loop(
     trainer = FoldTrainer(build_model(NUM_CLASSES, False), config, device, NUM_CLASSES)
     if compile_backend not in (None, "inductor"):
         trainer.forward = torch.compile(trainer.model, backend=compile_backend)
+    photos = cache.pixels
     count = max(batch_size, len(photos) - len(photos) % batch_size)
     pixels = torch.from_numpy(np.resize(photos, (count, *photos.shape[1:]))).to(device)
+    sizes = torch.from_numpy(np.resize(cache.sizes, (count, 4)))
     labels = torch.randint(0, NUM_CLASSES, (count,))
-    data = FoldData(pixels, labels, np.arange(count), np.arange(0))
+    data = FoldData(pixels, sizes, labels, np.arange(count), np.arange(0))
     criterion = torch.nn.CrossEntropyLoss().to(device)
     optimizer = torch.optim.Adam(parameter_groups(trainer.model, 1e-4), fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=trainer.precision == "fp16")
@@ -320,9 +329,11 @@ def loop_table(device, precision, root: Path, backend, args) -> list[str]:
     # would take minutes, and every use still decodes (seed-style) or augments (ours) anew.
     make_demo_dataset(root / "photos", max(1, min(16, args.photos // 7)), photo_size=500)
     unique = sorted((root / "photos" / "images").rglob("*.jpg"))
-    cache = np.resize(
-        np.stack([decode_photo(p, args.img_size) for p in unique]),
-        (args.photos, args.img_size, args.img_size, 3),
+    decoded = build_cache(unique, root / "photos", args.img_size, workers=0)
+    cache = PhotoCache(
+        np.resize(decoded.pixels, (args.photos, *decoded.pixels.shape[1:])),
+        np.resize(decoded.sizes, (args.photos, 4)),
+        {},
     )
     paths = (unique * (args.seed_photos // len(unique) + 1))[: args.seed_photos]
     size, batch = args.img_size, args.batch_size
@@ -332,19 +343,19 @@ def loop_table(device, precision, root: Path, backend, args) -> list[str]:
         rows.append(("model alone, synthetic tensors on the device", f"compiled ({backend})"))
         results.append(bench_model_only(device, size, batch, args.steps, precision, backend))
     rows.append(("our training loop (cache + device augmentation)", "eager"))
-    results.append(bench_our_loop(device, cache, batch, args.epochs))
+    results.append(bench_our_loop(device, cache, size, batch, args.epochs))
     if backend:
         rows.append(("our training loop, `compile=true`", f"compiled ({backend})"))
-        results.append(bench_our_loop(device, cache, batch, args.epochs, backend))
+        results.append(bench_our_loop(device, cache, size, batch, args.epochs, backend))
     rows.append(("our training loop, deterministic algorithms", "eager"))
-    results.append(bench_our_loop(device, cache, batch, args.epochs, deterministic=True))
+    results.append(bench_our_loop(device, cache, size, batch, args.epochs, deterministic=True))
     rows.append(("seed-style pipeline (PIL decode every epoch, DataLoader)", "eager, fp32"))
     results.append(bench_seed_style(device, paths, size, args.seed_epochs))
     ceiling = max(rate for rate, _ in results[: 2 if backend else 1])
     seed = results[-1][0]
     table = [
         f"Settings: img_size {size}, efficientnet_b1, {len(unique)} generated ~500 px photos "
-        f"used over and over: our loop {len(cache)} per epoch, batch {batch}, {precision}; "
+        f"used over and over: our loop {len(cache.pixels)} per epoch, batch {batch}, {precision}; "
         f"seed-style {len(paths)} per epoch, batch 64, fp32, 4 DataLoader workers; "
         "the ceiling is the faster model-alone row; CUBLAS_WORKSPACE_CONFIG=:4096:8 for all rows",
         "",

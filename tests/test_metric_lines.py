@@ -7,12 +7,14 @@ from species_classifier import metric_lines
 
 
 def test_every_epoch_metric_is_scraped_back():
-    line = metric_lines.epoch_line(2, 7, 0.41234, 0.381, 0.87125, 2711.4)
+    line = metric_lines.epoch_line(2, 7, 0.41234, 0.9, 0.381, 0.87125, 2711.4)
     assert line == (
-        "fold=2 epoch=7 train_loss=0.4123 val_loss=0.3810 val_macro_f1=0.8712 img_per_s=2711"
+        "fold=2 epoch=7 train_loss=0.4123 train_macro_f1=0.9000 val_loss=0.3810 "
+        "val_macro_f1=0.8712 img_per_s=2711"
     )
     scraped = metric_lines.scrape("2026-01-01 INFO " + line + " lr=1e-05 best=0.9@3")
     assert scraped["train:loss"] == [0.4123]
+    assert scraped["train:macro_f1"] == [0.9]
     assert scraped["validation:loss"] == [0.381]
     assert scraped["validation:macro_f1"] == [0.8712]
     assert scraped["train:images_per_second"] == [2711.0]

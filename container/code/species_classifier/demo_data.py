@@ -1,8 +1,9 @@
 """A generated photo set with a learnable difference between classes, for demos and tests.
 
 Each class gets its own colour under random noise, blobs and brightness, saved as
-~500 px JPEGs (the size of iNaturalist's "medium" photos) with a CSV in the format
-`train` reads. Nothing is downloaded and nothing binary is committed.
+~500 px JPEGs (the size of iNaturalist's "medium" photos: 500 on the long side) in turn
+landscape 4:3, portrait 3:4 and square, with a CSV in the format `train` reads. Nothing is
+downloaded and nothing binary is committed.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from PIL import Image
 DEMO_TARGETS = ("Lycorma delicatula", "Zenaida macroura", "Acer rubrum", "Erigeron canadensis")
 DEMO_OTHERS = ("Acer saccharum", "Quercus alba", "Turdus migratorius")
 CSV_NAME = "train.csv"
+# (height, width) as fractions of the long side, taken in turn photo by photo.
+SHAPES = {"landscape": (0.75, 1.0), "portrait": (1.0, 0.75), "square": (1.0, 1.0)}
 
 _log = logging.getLogger(__name__)
 
@@ -30,7 +33,9 @@ def make_demo_dataset(
     species: tuple[str, ...] = DEMO_TARGETS + DEMO_OTHERS,
     seed: int = 0,
 ) -> Path:
-    """Write photos under root/images/<species>/ and root/train.csv; return the CSV path."""
+    """Write photos under root/images/<species>/ and root/train.csv; return the CSV path.
+
+    photo_size is the long side; the photos are landscape, portrait and square in turn."""
     rng = np.random.default_rng(seed)
     rows = []
     for index, name in enumerate(species):
@@ -38,7 +43,9 @@ def make_demo_dataset(
         folder.mkdir(parents=True, exist_ok=True)
         for number in range(photos_per_species):
             path = folder / f"{number:04d}.jpg"
-            Image.fromarray(_photo(index, len(species), photo_size, rng)).save(path, quality=90)
+            height, width = SHAPES[list(SHAPES)[number % len(SHAPES)]]
+            shape = (round(height * photo_size), round(width * photo_size))
+            Image.fromarray(_photo(index, len(species), shape, rng)).save(path, quality=90)
             rows.append({"species_name": name, "image_name": str(path.relative_to(root))})
     csv_path = root / CSV_NAME
     with csv_path.open("w", newline="") as handle:
@@ -48,16 +55,20 @@ def make_demo_dataset(
     return csv_path
 
 
-def _photo(index: int, count: int, size: int, rng: np.random.Generator) -> np.ndarray:
+def _photo(index: int, count: int, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     # The class colour dominates, so even a randomly initialised network picks it up within
     # a few epochs on a CPU; blobs and noise keep the photos from being identical and give
     # JPEG decoding as much work as a real photo of that size.
     hue = index / count
     colour = np.array([np.cos(2 * np.pi * (hue + k / 3)) for k in range(3)]) * 0.5 + 0.5
-    y, x = np.mgrid[0:size, 0:size] / size
-    image = np.ones((size, size, 3)) * colour * rng.uniform(0.8, 1.0)
+    height, width = shape
+    # Blob centres in fractions of each side, radii in fractions of the long side: round
+    # blobs stay round whatever the photo's shape.
+    y, x = np.mgrid[0:height, 0:width] / max(shape)
+    image = np.ones((height, width, 3)) * colour * rng.uniform(0.8, 1.0)
     for _ in range(3):
-        cy, cx, radius = rng.uniform(0, 1, 2).tolist() + [rng.uniform(0.03, 0.1)]
+        cy, cx = rng.uniform(0, 1, 2) * np.array(shape) / max(shape)
+        radius = rng.uniform(0.03, 0.1)
         blob = ((y - cy) ** 2 + (x - cx) ** 2) < radius**2
         image[blob] = rng.uniform(0, 1, 3)
     image += rng.normal(0, 0.08, image.shape)
@@ -78,7 +89,8 @@ def pretrain_stand_in_weights(
     from torchvision.models import efficientnet_b1
 
     from species_classifier.augment import augment
-    from species_classifier.imaging import decode_photo, normalize
+    from species_classifier.cache import build_cache
+    from species_classifier.imaging import normalize
     from species_classifier.model import pretrained_weights_path
 
     # Where torch.hub (and so pretrained=true) looks when TORCH_HOME is torch_home.
@@ -88,7 +100,8 @@ def pretrain_stand_in_weights(
         files = sorted(Path(scratch).glob("images/*/*.jpg"))
         species = sorted({f.parent.name for f in files})
         labels = torch.tensor([species.index(f.parent.name) for f in files])
-        pixels = torch.from_numpy(np.stack([decode_photo(f, img_size) for f in files]))
+        cache = build_cache(files, Path(scratch), img_size, workers=0)
+    pixels, sizes = torch.from_numpy(cache.pixels), torch.from_numpy(cache.sizes)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     network = efficientnet_b1()
@@ -96,7 +109,7 @@ def pretrain_stand_in_weights(
     network.train()
     for _ in range(steps):
         rows = torch.randint(0, len(labels), (16,), generator=generator)
-        inputs = normalize(augment(pixels[rows], generator))
+        inputs = normalize(augment(pixels[rows], sizes[rows], img_size, generator))
         loss = torch.nn.functional.cross_entropy(network(inputs), labels[rows])
         optimizer.zero_grad()
         loss.backward()
@@ -110,7 +123,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path, help="folder to write (the training channel)")
     parser.add_argument("--photos-per-species", type=int, default=12)
-    parser.add_argument("--photo-size", type=int, default=500)
+    parser.add_argument("--photo-size", type=int, default=500, help="long side, in pixels")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--stand-in-weights",

@@ -2,9 +2,11 @@
 
 One definition of "a photo as the model sees it": decode (JPEG, PNG, ... with EXIF
 orientation applied, any colour mode flattened to RGB), resize to a square of `img_size`,
-then normalise with the ImageNet statistics. The training cache stores the uint8 result of
-`decode_photo`; the predictor calls the same function on request bodies, so training and
-serving cannot disagree about size, interpolation or colour handling.
+then normalise with the ImageNet statistics. The predictor calls `decode_photo` on request
+bodies; the training cache keeps each photo at its true aspect
+(`decode_photo_true_shape`, same decoder) so crops come from the photo as it was, and
+validation warps the whole cached photo to the same square, so training and serving
+cannot disagree about orientation or colour handling.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # before a single pixel is decoded: a decompression bomb must not take a worker's memory.
 MAX_PIXELS = 64_000_000
 
+_EXIF_ORIENTATION = 0x0112
+# EXIF orientations 5-8 turn the photo a quarter: its width and height swap when upright.
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+
 
 class PhotoError(ValueError):
     """A photo that cannot be used, with the reason in words a person can act on."""
@@ -31,6 +37,32 @@ class PhotoError(ValueError):
 
 def decode_photo(source: bytes | str | os.PathLike, img_size: int) -> np.ndarray:
     """Decode a photo (bytes or a path) into an `img_size` x `img_size` x 3 uint8 RGB array."""
+    image, _ = _open_rgb(source, (img_size, img_size))
+    return np.asarray(image.resize((img_size, img_size), Image.BILINEAR))
+
+
+def decode_photo_true_shape(
+    source: bytes | str | os.PathLike, short_side: int, long_side: int
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode a photo at its own aspect, shrunk (never enlarged) to fit `short_side` on its
+    short side and `long_side` on its long side.
+
+    Returns the (height, width, 3) uint8 RGB pixels and the photo's true (height, width)
+    after EXIF orientation: the size a crop of the original photo is drawn from.
+    """
+    image, (height, width) = _open_rgb(source, (short_side, short_side))
+    scale = min(1.0, short_side / min(height, width), long_side / max(height, width))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    if image.size != size:
+        image = image.resize(size, Image.BILINEAR)
+    return np.asarray(image), (height, width)
+
+
+def _open_rgb(
+    source: bytes | str | os.PathLike, draft_size: tuple[int, int]
+) -> tuple[Image.Image, tuple[int, int]]:
+    """The photo as 8-bit RGB, upright, decoded at no less than `draft_size` where the
+    format allows a cheaper reduced decode; and its full (height, width) when upright."""
     try:
         stream = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
     except OSError as error:
@@ -46,14 +78,15 @@ def decode_photo(source: bytes | str | os.PathLike, img_size: int) -> np.ndarray
                         f"{width}x{height} pixels is over the {MAX_PIXELS // 1_000_000} MP "
                         "limit; resize the photo before sending it"
                     )
+                if image.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSING_ORIENTATIONS:
+                    width, height = height, width
                 if image.format == "JPEG":
                     # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when that still covers
-                    # img_size: most of the decode time of a large JPEG, saved for free.
-                    image.draft("RGB", (img_size, img_size))
+                    # draft_size: most of the decode time of a large JPEG, saved for free.
+                    image.draft("RGB", draft_size)
                 image.load()
                 image = ImageOps.exif_transpose(image)
-                rgb = _to_rgb(image)
-                return np.asarray(rgb.resize((img_size, img_size), Image.BILINEAR))
+                return _to_rgb(image), (height, width)
         except PhotoError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:

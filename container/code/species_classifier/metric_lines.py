@@ -16,6 +16,7 @@ _NUMBER = r"([-+]?\d+\.?\d*(?:[eE][-+]?\d+)?)"
 # name in the log line -> name of the CloudWatch metric.
 _EPOCH_METRICS = {
     "train_loss": "train:loss",
+    "train_macro_f1": "train:macro_f1",
     "val_loss": "validation:loss",
     "val_macro_f1": "validation:macro_f1",
     "img_per_s": "train:images_per_second",
@@ -36,13 +37,15 @@ def epoch_line(
     fold: int,
     epoch: int,
     train_loss: float,
+    train_macro_f1: float,
     val_loss: float,
     val_macro_f1: float,
     img_per_s: float,
 ) -> str:
     """One epoch's metrics: `fold=1 epoch=3 train_loss=0.4123 ... img_per_s=2711`."""
     return (
-        f"fold={fold} epoch={epoch} train_loss={train_loss:.4f} val_loss={val_loss:.4f} "
+        f"fold={fold} epoch={epoch} train_loss={train_loss:.4f} "
+        f"train_macro_f1={train_macro_f1:.4f} val_loss={val_loss:.4f} "
         f"val_macro_f1={val_macro_f1:.4f} img_per_s={img_per_s:.0f}"
     )
 

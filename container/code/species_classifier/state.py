@@ -7,6 +7,7 @@ needs to import the engine.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +23,10 @@ class EpochRecord:
     learning_rate: float
     seconds: float
     img_per_s: float
+    # Macro-F1 of the training predictions on the epoch's augmented batches, as they were
+    # made (the weights changing along the epoch): no extra forward pass. NaN in checkpoints
+    # written before it was recorded.
+    train_macro_f1: float = math.nan
 
 
 @dataclass

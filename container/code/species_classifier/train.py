@@ -195,12 +195,14 @@ class JobPhotos:
 
     csv_name: str
     photos: LabelledPhotos
-    pixels: torch.Tensor  # uint8 NHWC in photo order, where training reads it from
+    pixels: torch.Tensor  # uint8 NHWC slots in photo order, where training reads it from
+    sizes: torch.Tensor  # (N, 4) true height, width, stored rows, cols (cache.py), CPU
     skipped: int  # unreadable photos left out
     held_out: LabelledPhotos | None  # set aside before the folds (holdout_fraction), unread
 
     def fold_data(self, train_index: np.ndarray, val_index: np.ndarray) -> FoldData:
-        return FoldData(self.pixels, torch.from_numpy(self.photos.labels), train_index, val_index)
+        labels = torch.from_numpy(self.photos.labels)
+        return FoldData(self.pixels, self.sizes, labels, train_index, val_index)
 
 
 def load_photos(
@@ -228,7 +230,8 @@ def load_photos(
     photos = photos.subset(readable)
     check_class_sizes(photos, config.k_folds, unreadable=len(cache.failures))
     pixels = _place_cache(torch.from_numpy(cache.pixels[readable]), device, config.cache_device)
-    return JobPhotos(csv_path.name, photos, pixels, len(cache.failures), held_out)
+    sizes = torch.from_numpy(cache.sizes[readable])
+    return JobPhotos(csv_path.name, photos, pixels, sizes, len(cache.failures), held_out)
 
 
 def train_own_folds(
@@ -433,6 +436,7 @@ class Progress:
             state.fold,
             record.epoch,
             record.train_loss,
+            record.train_macro_f1,
             record.val_loss,
             record.val_macro_f1,
             record.img_per_s,

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from sklearn.metrics import f1_score
 from torch import nn
 
-from species_classifier.augment import augment
+from species_classifier.augment import augment, resize_whole
 from species_classifier.config import TrainingConfig
 from species_classifier.imaging import normalize
 from species_classifier.model import base_learning_rate, parameter_groups, reset_head
@@ -57,7 +57,8 @@ def epoch_seed(seed: int, fold: int, epoch: int) -> int:
 
 @dataclass(frozen=True)
 class FoldData:
-    pixels: torch.Tensor  # the whole photo cache, uint8 NHWC, on its storage device
+    pixels: torch.Tensor  # the whole photo cache, uint8 slots NHWC, on its storage device
+    sizes: torch.Tensor  # (N, 4) int true height, width, stored rows, cols (cache.py), CPU
     labels: torch.Tensor  # int64, same order, on the CPU
     train_index: np.ndarray
     val_index: np.ndarray
@@ -123,7 +124,9 @@ class FoldTrainer:
         ):
             epoch = state.epoch + 1
             started = time.perf_counter()
-            train_loss = self._train_epoch(data, criterion, optimizer, scaler, state.fold, epoch)
+            train_loss, train_macro_f1 = self._train_epoch(
+                data, criterion, optimizer, scaler, state.fold, epoch
+            )
             train_seconds = time.perf_counter() - started
             val_loss, val_probs = self._validate(data, criterion)
             val_labels = data.labels[data.val_index].numpy()
@@ -139,6 +142,7 @@ class FoldTrainer:
                 learning_rate=base_learning_rate(optimizer),
                 seconds=time.perf_counter() - started,
                 img_per_s=len(data.train_index) / max(train_seconds, 1e-9),
+                train_macro_f1=train_macro_f1,
             )
             improved = macro_f1 > state.best_macro_f1
             if improved:
@@ -175,7 +179,7 @@ class FoldTrainer:
         while state.epoch < epochs:
             epoch = state.epoch + 1
             started = time.perf_counter()
-            loss = self._train_epoch(
+            loss, train_macro_f1 = self._train_epoch(
                 data, criterion, optimizer, scaler, REFIT_SEED_STREAM, epoch, forward, shard
             )
             seconds = time.perf_counter() - started
@@ -188,6 +192,7 @@ class FoldTrainer:
                 learning_rate=base_learning_rate(optimizer),
                 seconds=seconds,
                 img_per_s=len(data.train_index) / max(seconds, 1e-9),
+                train_macro_f1=train_macro_f1,
             )
             self._end_epoch(state, record, True, optimizer, scaler)
             on_epoch_end(state)
@@ -251,7 +256,7 @@ class FoldTrainer:
         return len(train_labels) / (self.num_classes * counts)
 
     def _batches(self, data: FoldData, index: np.ndarray, batch_size: int, order: torch.Tensor):
-        """Yield (uint8 pixels on the device, labels on the device) batch by batch."""
+        """Yield (uint8 pixels on the device, their sizes on the CPU, labels on the device)."""
         index_t = torch.as_tensor(index)[order]
         pin = data.pixels.device.type == "cpu" and self.device.type == "cuda"
         bounds = [*range(0, len(index_t), batch_size), len(index_t)]
@@ -265,13 +270,16 @@ class FoldTrainer:
                 pixels = pixels.pin_memory()
             yield (
                 pixels.to(self.device, non_blocking=True),
+                data.sizes[rows],
                 data.labels[rows].to(self.device, non_blocking=True),
             )
 
     def _train_epoch(
         self, data, criterion, optimizer, scaler, fold: int, epoch: int, forward=None, shard=(0, 1)
-    ) -> float:
-        """One pass over data.train_index; with shard=(rank, workers), this worker's share."""
+    ) -> tuple[float, float]:
+        """One pass over data.train_index; with shard=(rank, workers), this worker's share.
+
+        Returns the mean loss and the macro-F1 of the batches' own predictions."""
         forward = forward or self.forward
         seed = epoch_seed(self.config.seed, fold, epoch)
         generator = torch.Generator().manual_seed(seed)
@@ -285,17 +293,32 @@ class FoldTrainer:
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         seen = 0
-        for pixels, labels in self._batches(data, data.train_index, self.config.batch_size, order):
-            inputs = normalize(augment(pixels, generator))
+        # Predicted and true labels stay on the device until the epoch ends: no sync per batch.
+        predicted, truth = [], []
+        batches = self._batches(data, data.train_index, self.config.batch_size, order)
+        for pixels, sizes, labels in batches:
+            inputs = normalize(augment(pixels, sizes, self.config.img_size, generator))
             with self._autocast():
-                loss = criterion(forward(inputs), labels)
+                logits = forward(inputs)
+                loss = criterion(logits, labels)
+            predicted.append(logits.detach().argmax(1))
+            truth.append(labels)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             loss_sum += loss.detach() * len(labels)
             seen += len(labels)
-        return float(loss_sum) / max(seen, 1)
+        loss = float(loss_sum) / max(seen, 1)
+        if not seen:
+            return loss, math.nan
+        macro_f1 = f1_score(
+            torch.cat(truth).cpu().numpy(),
+            torch.cat(predicted).cpu().numpy(),
+            average="macro",
+            zero_division=0,
+        )
+        return loss, float(macro_f1)
 
     @torch.inference_mode()
     def _validate(self, data: FoldData, criterion) -> tuple[float, torch.Tensor]:
@@ -304,9 +327,10 @@ class FoldTrainer:
         batch_size = self.config.batch_size * VALIDATION_BATCH_FACTOR
         order = torch.arange(len(data.val_index))
         logits = []
-        for pixels, _ in self._batches(data, data.val_index, batch_size, order):
+        for pixels, sizes, _ in self._batches(data, data.val_index, batch_size, order):
+            inputs = normalize(resize_whole(pixels, sizes, self.config.img_size))
             with self._autocast():
-                logits.append(self.forward(normalize(pixels)).float())
+                logits.append(self.forward(inputs).float())
         all_logits = torch.cat(logits)
         labels = data.labels[data.val_index].to(self.device)
         loss = float(criterion(all_logits, labels))
