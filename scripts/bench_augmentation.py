@@ -41,7 +41,8 @@ from species_classifier.demo_data import (  # noqa: E402
 )
 from species_classifier.imaging import decode_photo  # noqa: E402
 from species_classifier.model import build_model  # noqa: E402
-from species_classifier.trainer import FoldData, FoldState, FoldTrainer  # noqa: E402
+from species_classifier.state import FoldState  # noqa: E402
+from species_classifier.trainer import FoldData, FoldTrainer  # noqa: E402
 
 CROP_DRAWS = 20  # crops drawn per photo for the geometry columns
 

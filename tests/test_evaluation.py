@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -20,7 +20,7 @@ from species_classifier.evaluation import (
     summarize,
     write_outputs,
 )
-from species_classifier.trainer import EpochRecord, FoldState
+from species_classifier.state import EpochRecord, FoldState
 
 CLASSES = ["Acer rubrum", "other"]
 
@@ -64,8 +64,9 @@ def _folds():
 def test_outputs_have_every_table_plot_and_report_section(channel, tmp_path):
     root, photos = channel
     folds, indices = _folds()
-    metrics = summarize(folds, indices, photos, skipped=0)
-    metrics["final_model"] = {"strategy": "ensemble", "members": 2}
+    metrics = summarize(
+        folds, indices, photos, skipped=0, final_model={"strategy": "ensemble", "members": 2}
+    )
     out = tmp_path / "out"
     write_outputs(out, metrics, folds, indices, photos, root, {"seed": 42})
 
@@ -142,17 +143,13 @@ def test_a_job_without_mistakes_says_so_instead_of_an_empty_sheet(channel, tmp_p
         state.best_val_probs = torch.nn.functional.one_hot(
             torch.from_numpy(photos.labels[index]), 2
         ).float()
-    metrics = summarize(folds, indices, photos, skipped=0)
-    metrics["final_model"] = {"strategy": "ensemble", "members": 2}
+    metrics = summarize(
+        folds, indices, photos, skipped=0, final_model={"strategy": "ensemble", "members": 2}
+    )
     out = tmp_path / "out"
     write_outputs(out, metrics, folds, indices, photos, root, {})
     assert not (out / "mistakes_confident.png").exists()
     assert "No wrong answers." in (out / "report.md").read_text()
-
-
-@dataclass
-class RecordWithTrainF1(EpochRecord):
-    train_macro_f1: float = 0.0
 
 
 def test_curves_show_training_macro_f1_only_where_the_records_have_it():
@@ -161,9 +158,7 @@ def test_curves_show_training_macro_f1_only_where_the_records_have_it():
     # Per fold: validation F1 and the best-epoch star on the F1 panel; two losses on the other.
     assert [len(axis.lines) for axis in without.axes] == [4, 4]
     for state in folds:
-        state.history = [
-            RecordWithTrainF1(**{**vars(r), "train_macro_f1": 0.9}) for r in state.history
-        ]
+        state.history = [dataclasses.replace(r, train_macro_f1=0.9) for r in state.history]
     with_train = _curves_figure(folds)
     assert [len(axis.lines) for axis in with_train.axes] == [4, 6]
     train_line = with_train.axes[1].lines[1]

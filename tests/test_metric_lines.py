@@ -38,7 +38,7 @@ def test_definitions_fit_sagemaker_limits():
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_values_cloudwatch_refuses_are_never_scraped(bad):
     line = (
-        metric_lines.epoch_line(1, 1, bad, bad, bad, bad)
+        metric_lines.epoch_line(1, 1, bad, bad, bad, bad, bad)
         + " "
         + metric_lines.job_line(bad, bad, bad)
     )
@@ -48,6 +48,6 @@ def test_values_cloudwatch_refuses_are_never_scraped(bad):
 
 
 def test_every_scraped_value_is_finite():
-    line = metric_lines.epoch_line(3, 9, 1e-9, -0.5, 1.0, 1e6)
+    line = metric_lines.epoch_line(3, 9, 1e-9, 0.25, -0.5, 1.0, 1e6)
     values = [v for found in metric_lines.scrape(line).values() for v in found]
-    assert len(values) == 4 and all(math.isfinite(v) for v in values)
+    assert len(values) == 5 and all(math.isfinite(v) for v in values)

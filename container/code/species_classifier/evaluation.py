@@ -261,9 +261,10 @@ def _curves_figure(folds: list[FoldState]) -> Figure:
         loss_axis.plot(epochs, [r.val_loss for r in state.history], **solid)
         loss_axis.plot(epochs, [r.train_loss for r in state.history], **dashed)
         f1_axis.plot(epochs, [r.val_macro_f1 for r in state.history], **solid)
-        # Training macro-F1 on the epoch's (augmented) batches, where the trainer records it.
-        train_f1 = [getattr(r, "train_macro_f1", None) for r in state.history]
-        if any(value is not None for value in train_f1):
+        # Training macro-F1 on the epoch's (augmented) batches; NaN in checkpoints written
+        # before the trainer recorded it, and those folds get no line.
+        train_f1 = [r.train_macro_f1 for r in state.history]
+        if not np.isnan(train_f1).all():
             f1_axis.plot(epochs, train_f1, **dashed)
         best = state.history[state.best_epoch - 1]
         f1_axis.plot(best.epoch, best.val_macro_f1, marker="*", markersize=12, color=colour)
