@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO / "container" / "code"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from machine import describe  # noqa: E402
+from machine import describe, publish  # noqa: E402
 from sklearn.metrics import f1_score  # noqa: E402
 from species_classifier.augment import crop_boxes  # noqa: E402
 from species_classifier.cache import HEIGHT, ROWS, WIDTH, build_cache  # noqa: E402
@@ -182,15 +182,7 @@ def main() -> None:
             f"| {out_of_fold_f1(arm, folds, photos.labels):.3f} | {train_f1:.3f} "
             f"| {np.mean(arm.train_seconds):.1f} | {np.mean(arm.epoch_seconds):.1f} |"
         )
-    table = "\n".join(lines)
-    print(table)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(
-            f"# Augmentation: squashed square against true shape\n\nMeasured "
-            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with "
-            f"`scripts/bench_augmentation.py`.\n\n{table}\n"
-        )
+    publish(lines, args.output, "Augmentation: squashed square against true shape", __file__)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,19 +39,15 @@ import numpy as np
 import requests
 import torch
 from machine import describe
-from species_classifier.artifacts import (
-    BundleDescription,
-    Member,
-    load_members,
-    read_description,
-    write_bundle,
-)
-from species_classifier.demo_data import DEMO_TARGETS, make_demo_dataset
-from species_classifier.model import build_model
+from species_classifier.artifacts import load_members, read_description
+from species_classifier.demo_data import make_demo_dataset, make_random_bundle
 
 REPO = Path(__file__).resolve().parents[1]
+# The serving tests' helpers for local servers: one home for free ports and waiting for a 200.
+sys.path.append(str(REPO / "tests"))
+from local_servers import free_port, wait_for_200  # noqa: E402
+
 SERVE = REPO / "container" / "serve"
-CLASSES = [*DEMO_TARGETS, "other"]
 # The servers, in the order they run in each round, and how the table names them.
 SERVERS = {
     "naive-default": "naive (seed's handler), OpenMP's default wait policy",
@@ -84,7 +79,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         base = Path(tmp)
         print(f"making a {args.members}-member bundle at {args.img_size} px and photos ...")
-        make_bundle(base / "model", args.img_size, args.members)
+        make_random_bundle(base / "model", args.img_size, args.members)
         photos = make_photos(base / "photos", args.photo_size)
         load_at_start = load_average()
         results: dict[str, list[dict]] = {name: [] for name in SERVERS}
@@ -104,27 +99,12 @@ def main() -> None:
 # --- inputs ---
 
 
-def make_bundle(model_dir: Path, img_size: int, members: int) -> None:
-    names = [Member(f"fold-{k}", f"fold-{k}.pt") for k in range(1, members + 1)]
-    state_dicts = {}
-    for seed, member in enumerate(names):
-        torch.manual_seed(seed)
-        state_dicts[member.name] = build_model(len(CLASSES), pretrained=False).state_dict()
-    write_bundle(model_dir, BundleDescription(CLASSES, img_size, names), state_dicts)
-
-
 def make_photos(root: Path, photo_size: int) -> list[bytes]:
     make_demo_dataset(root, photos_per_species=8, photo_size=photo_size)
     return [path.read_bytes() for path in sorted(root.glob("images/*/*.jpg"))]
 
 
 # --- servers ---
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def start_server(name: str, base: Path, port: int, log_path: Path) -> subprocess.Popen:
@@ -142,27 +122,16 @@ def start_server(name: str, base: Path, port: int, log_path: Path) -> subprocess
         return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def wait_ready(url: str, process: subprocess.Popen, log_path: Path, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            sys.exit(f"server exited with {process.returncode}:\n{log_path.read_text()}")
-        try:
-            if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    sys.exit(f"server not ready after {timeout} s:\n{log_path.read_text()}")
-
-
 def bench_server(name: str, base: Path, photos: list[bytes], args) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = base / f"{name}.log"
     process = start_server(name, base, port, log_path)
     try:
-        wait_ready(url, process, log_path)
+        try:
+            wait_for_200(f"{url}/ping", 300, process, log_path)
+        except AssertionError as not_ready:
+            sys.exit(f"{name}: {not_ready}")
         # Warm-up: the first requests pay for allocations and kernel selection.
         load(url, photos, 2 * args.concurrency, args.concurrency)
         return load(url, photos, args.requests, args.concurrency)

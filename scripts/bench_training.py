@@ -37,7 +37,7 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from machine import describe  # noqa: E402
+from machine import describe, publish  # noqa: E402
 from PIL import Image  # noqa: E402
 from species_classifier.cache import PhotoCache, build_cache  # noqa: E402
 from species_classifier.config import TrainingConfig  # noqa: E402
@@ -314,14 +314,7 @@ def main() -> None:
             lines += loop_table(device, precision, root, backend, args)
         if not args.skip_job:
             lines += job_table(root, args)
-    table = "\n".join(lines)
-    print(table)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(
-            f"# Training throughput\n\nMeasured {time.strftime('%Y-%m-%d')} "
-            f"with `scripts/bench_training.py`.\n\n{table}\n"
-        )
+    publish(lines, args.output, "Training throughput", __file__)
 
 
 def loop_table(device, precision, root: Path, backend, args) -> list[str]:

@@ -1,9 +1,11 @@
-"""What a benchmark ran on, in one line: CPU, cores, GPU, torch, Python and the load."""
+"""What a benchmark ran on, in one line (CPU, cores, GPU, torch, Python and the load), and
+its table published: printed, and written as a markdown page where asked."""
 
 from __future__ import annotations
 
 import os
 import platform
+import time
 from pathlib import Path
 
 import torch
@@ -25,3 +27,16 @@ def describe() -> str:
         f"CPU: {cpu}, {cores} cores; GPU: {gpu}; torch {torch.__version__}; "
         f"Python {platform.python_version()}; load average at the end: {load}"
     )
+
+
+def publish(lines: list[str], output: Path | None, title: str, script: str) -> None:
+    """Print the table and, where `output` is given, write it there as a page: the title,
+    when and by which script (a path) it was measured, the table."""
+    table = "\n".join(lines)
+    print(table)
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        output.write_text(
+            f"# {title}\n\nMeasured {when} with `scripts/{Path(script).name}`.\n\n{table}\n"
+        )

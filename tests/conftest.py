@@ -1,8 +1,8 @@
 """The one home of what several test modules share: a folder laid out like /opt/ml, the
-real `train` run against it and its results compared, free ports, waiting for a server's
-200, a local AWS (moto), and the summary lines that tests report (fault injection, soak,
-distributed) printed at the end of the run, where CI's log shows them even when every
-test passes.
+real `train` run against it and its results compared, a local AWS (moto), and the summary
+lines that tests report (fault injection, soak, distributed) printed at the end of the run,
+where CI's log shows them even when every test passes. Free ports and waiting for a
+server's 200 live in local_servers.py, which the serving benchmark imports too.
 
 Every process a test starts, and this one, lets idle OpenMP threads sleep
 (OMP_WAIT_POLICY=PASSIVE): on a loaded machine, threads that spin waiting for work take
@@ -15,15 +15,13 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
+from local_servers import free_port
 from species_classifier.demo_data import DEMO_TARGETS, make_demo_dataset
 
 # Before any test module imports torch: OpenMP reads the policy once, when it starts. Nothing
@@ -64,6 +62,18 @@ def make_job(
     )
     write_hyperparameters(base, {**FAST_HYPERPARAMETERS, **(hyperparameters or {})})
     return base
+
+
+def pristine_job(hyperparameters: dict, photos_per_species: int, **demo):
+    """A module-scoped fixture `pristine`: a job (make_job) made once per module, for its
+    tests to copy (copy_job) and run."""
+
+    @pytest.fixture(scope="module", name="pristine")
+    def pristine(tmp_path_factory) -> Path:
+        folder = tmp_path_factory.mktemp("pristine") / "opt_ml"
+        return make_job(folder, hyperparameters, photos_per_species, **demo)
+
+    return pristine
 
 
 def copy_job(source: Path, destination: Path) -> Path:
@@ -113,6 +123,12 @@ def comparable_metrics(base: Path) -> dict:
     return metrics
 
 
+def assert_same_results(base: Path, reference: Path) -> None:
+    """Two finished jobs: the same metrics (timings aside) and bit-identical weights."""
+    assert comparable_metrics(base) == comparable_metrics(reference)
+    assert same_weights(model_weights(base), model_weights(reference))
+
+
 def model_weights(base: Path) -> dict[str, dict]:
     """Every weights file of a finished job's model bundle, by file name."""
     import torch  # here, not at the top: only once OMP_WAIT_POLICY is set
@@ -127,32 +143,6 @@ def same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(
         a[f].keys() == b[f].keys() and all(torch.equal(a[f][k], b[f][k]) for k in a[f]) for f in a
     )
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_for_200(
-    url: str, timeout: float, process: subprocess.Popen | None = None, log: Path | None = None
-) -> requests.Response:
-    """GET `url` until it answers 200; fail early, with the server's log, if `process` exits."""
-    shown = f":\n{log.read_text()}" if log else ""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise AssertionError(f"the server exited with {process.returncode}{shown}")
-        try:
-            response = requests.get(url, timeout=5)
-        except requests.RequestException:
-            pass
-        else:
-            if response.status_code == 200:
-                return response
-        time.sleep(0.1)
-    raise AssertionError(f"{url} did not answer 200 within {timeout} s{shown}")
 
 
 @contextlib.contextmanager

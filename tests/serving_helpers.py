@@ -5,42 +5,28 @@ from __future__ import annotations
 import base64
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import requests
 import torch
+from local_servers import free_port, wait_for_200
 from photos import encode
 from PIL import Image
-from species_classifier.artifacts import (
-    BundleDescription,
-    Member,
-    load_members,
-    read_description,
-    write_bundle,
-)
+from species_classifier.artifacts import load_members, read_description
+from species_classifier.demo_data import DEMO_CLASSES, make_random_bundle
 from species_classifier.imaging import decode_photo, normalize
-from species_classifier.model import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 SERVE = REPO / "container" / "serve"
-CLASSES = ["Lycorma delicatula", "Zenaida macroura", "Acer rubrum", "Erigeron canadensis", "other"]
+CLASSES = list(DEMO_CLASSES)
 
 
 def make_bundle(model_dir: Path, img_size: int = 64, members: int = 3) -> Path:
     """A bundle like training writes: random weights (a different seed per member), with
     batch-norm statistics that let different photos get different answers."""
-    names = [Member(f"fold-{k}", f"fold-{k}.pt") for k in range(1, members + 1)]
-    state_dicts = {}
-    for seed, member in enumerate(names):
-        torch.manual_seed(seed)
-        state_dicts[member.name] = build_model(len(CLASSES), pretrained=False).state_dict()
-    description = BundleDescription(classes=CLASSES, img_size=img_size, members=names)
-    write_bundle(model_dir, description, state_dicts)
+    make_random_bundle(model_dir, img_size, members)
     calibrate_batch_norm(model_dir)
     return model_dir
 
@@ -57,12 +43,6 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def serve_env(base: Path, port: int, **extra: str) -> dict:
     """The environment of `serve` outside the image: this venv's python first on PATH."""
     env = {**os.environ, "SAGEMAKER_BASE_DIR": str(base), "PYTHONUNBUFFERED": "1", **extra}
@@ -72,7 +52,9 @@ def serve_env(base: Path, port: int, **extra: str) -> dict:
 
 
 class ServerProcess:
-    """container/serve in a subprocess, its output in a file (a pipe could fill and block)."""
+    """container/serve in a subprocess, its output in a file (a pipe could fill and block).
+
+    As a context manager: ready on entering (wait_ready), terminated on leaving."""
 
     def __init__(self, base: Path, log_path: Path, **env: str) -> None:
         self.port = free_port()
@@ -85,31 +67,27 @@ class ServerProcess:
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
         )
-        self.early_pings: list[str] = []
         # The server's log as it stood when the first /ping answered 200.
         self.log_at_first_200: str | None = None
+
+    def __enter__(self) -> ServerProcess:
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.terminate()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.terminate()
 
     def log(self) -> str:
         return self.log_path.read_text()
 
     def wait_ready(self, timeout: float = 180) -> None:
-        """Poll /ping until 200; every answer before it is kept in early_pings, and the log
-        as it stood the moment the 200 came in log_at_first_200."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"serve exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                response = requests.get(f"{self.url}/ping", timeout=1)
-            except requests.RequestException as error:
-                self.early_pings.append(type(error).__name__)
-            else:
-                if response.status_code == 200:
-                    self.log_at_first_200 = self.log()
-                    return
-                self.early_pings.append(str(response.status_code))
-            time.sleep(0.1)
-        raise TimeoutError(f"serve not ready after {timeout} s:\n{self.log()}")
+        """Poll /ping until 200, then keep the log as it stood that moment in log_at_first_200."""
+        wait_for_200(f"{self.url}/ping", timeout, self.process, self.log_path)
+        self.log_at_first_200 = self.log()
 
     def terminate(self, timeout: float = 40) -> int:
         if self.process.poll() is None:

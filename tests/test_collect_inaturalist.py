@@ -17,7 +17,6 @@ import csv
 import gzip
 import io
 import json
-import os
 import re
 import subprocess
 import sys
@@ -26,16 +25,15 @@ import tomllib
 from collections import Counter
 from fnmatch import fnmatchcase
 from pathlib import Path
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 import boto3
 import pytest
 from botocore import UNSIGNED
 from botocore.config import Config
 from botocore.exceptions import EndpointConnectionError
-from conftest import run_train, write_hyperparameters
+from conftest import moto_server, run_train, write_hyperparameters
 from inaturalist_bucket import OpenData, S3Front, observer_login, observer_name, public_read
-from moto.server import ThreadedMotoServer
 from species_tools.aws import SettingsError
 from species_tools.collector import CollectError, cli
 from species_tools.collector.metadata import MetadataSource
@@ -169,33 +167,20 @@ def later_snapshot() -> OpenData:
 @pytest.fixture(scope="module")
 def s3_endpoint(tmp_path_factory):
     """moto with the buckets filled, behind the front; the environment points at the front."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    front = S3Front(server.get_host_and_port()[1])
-    env = {
-        "AWS_ENDPOINT_URL": front.endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    data, later = open_data(), later_snapshot()
-    s3 = boto3.client("s3")
-    data.fill(s3, SOURCE)
-    later.fill(s3, GONE)
-    s3.create_bucket(Bucket=TARGET)
-    metadata_dir = tmp_path_factory.mktemp("metadata")
-    for key, body in data.metadata().items():
-        (metadata_dir / key).write_bytes(body)
-    yield {"data": data, "later": later, "metadata_dir": metadata_dir, "front": front}
-    front.stop()
-    server.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with moto_server() as local, pytest.MonkeyPatch.context() as patch:
+        front = S3Front(urlsplit(local["AWS_ENDPOINT_URL"]).port)
+        for key, value in {**local, "AWS_ENDPOINT_URL": front.endpoint}.items():
+            patch.setenv(key, value)
+        data, later = open_data(), later_snapshot()
+        s3 = boto3.client("s3")
+        data.fill(s3, SOURCE)
+        later.fill(s3, GONE)
+        s3.create_bucket(Bucket=TARGET)
+        metadata_dir = tmp_path_factory.mktemp("metadata")
+        for key, body in data.metadata().items():
+            (metadata_dir / key).write_bytes(body)
+        yield {"data": data, "later": later, "metadata_dir": metadata_dir, "front": front}
+        front.stop()
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
@@ -28,7 +27,8 @@ from pathlib import Path
 import boto3
 import pytest
 import requests
-from moto.server import ThreadedMotoServer
+from conftest import moto_server
+from local_servers import free_port, wait_for_200
 from species_classifier.demo_data import DEMO_TARGETS, make_demo_dataset
 from species_classifier.model import PRETRAINED_WEIGHTS
 
@@ -128,36 +128,21 @@ def build_env(podman) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def image(build_env) -> str:
+    return build_push(build_env, "--no-push").stdout.strip().splitlines()[-1]
+
+
+def build_push(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    """scripts/build_push.sh with `args`, which must succeed and say first what it builds for."""
     built = subprocess.run(
-        [str(REPO / "scripts" / "build_push.sh"), "--no-push"],
-        env=build_env,
+        [str(REPO / "scripts" / "build_push.sh"), *args],
+        env=env,
         capture_output=True,
         text=True,
         timeout=BUILD_TIMEOUT,
     )
     assert built.returncode == 0, built.stderr[-5000:]
     assert built.stderr.splitlines()[0] == PLATFORM_LINE
-    return built.stdout.strip().splitlines()[-1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(url: str, timeout: float) -> requests.Response:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            response = requests.get(url, timeout=5)
-            if response.status_code == 200:
-                return response
-        except (requests.ConnectionError, requests.Timeout):
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{url} did not answer 200 within {timeout} s")
-        time.sleep(1)
+    return built
 
 
 def test_image_follows_the_sagemaker_contract(image):
@@ -209,7 +194,7 @@ def test_train_then_serve_in_the_image(image, tmp_path):
     )  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_for(f"{url}/ping", timeout=180)
+        wait_for_200(f"{url}/ping", timeout=180)
         photo = next((base / "input" / "data" / "training" / "images").glob("*/*.jpg"))
         answer = requests.post(
             f"{url}/invocations",
@@ -381,7 +366,7 @@ def local_registry(tmp_path):
     log = (tmp_path / "registry.log").open("w")
     server = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=log, stderr=log)
     try:
-        wait_for(f"http://127.0.0.1:{port}/v2/", timeout=30)
+        wait_for_200(f"http://127.0.0.1:{port}/v2/", 30, server, tmp_path / "registry.log")
         yield f"127.0.0.1:{port}", registries_conf
     finally:
         server.terminate()
@@ -391,11 +376,8 @@ def local_registry(tmp_path):
 
 @pytest.fixture
 def moto_endpoint():
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+    with moto_server() as local:
+        yield local["AWS_ENDPOINT_URL"]
 
 
 def ecr_client(moto_endpoint: str):
@@ -443,15 +425,7 @@ def test_build_push_pushes_to_a_local_registry(
         "REGISTRY_AUTH_FILE": str(auth_file),
     }
     env.pop("AWS_PROFILE", None)
-    pushed = subprocess.run(
-        [str(REPO / "scripts" / "build_push.sh"), "--release", "v0.0.0-test"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=BUILD_TIMEOUT,
-    )
-    assert pushed.returncode == 0, pushed.stderr[-5000:]
-    assert pushed.stderr.splitlines()[0] == PLATFORM_LINE
+    pushed = build_push(env, "--release", "v0.0.0-test")
     uri = pushed.stdout.strip().splitlines()[-1]
     tag = image.rsplit(":", 1)[1]
     commit = subprocess.check_output(

@@ -18,17 +18,16 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import (
+    assert_same_results,
     comparable_metrics,
     copy_job,
     failure_text,
-    free_port,
-    make_job,
-    model_weights,
+    pristine_job,
     run_train,
-    same_weights,
     start_train,
     update_hyperparameters,
 )
+from local_servers import free_port
 from species_classifier.artifacts import load_members, read_description
 from species_classifier.distributed import (
     LOOPBACK_ADDRESS,
@@ -47,11 +46,7 @@ def host_config(base: Path, current: str, hosts: list[str]) -> None:
     (base / "input" / "config" / "resourceconfig.json").write_text(json.dumps(config))
 
 
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory) -> Path:
-    return make_job(
-        tmp_path_factory.mktemp("pristine") / "opt_ml", HYPERPARAMETERS, photos_per_species=4
-    )
+pristine = pristine_job(HYPERPARAMETERS, photos_per_species=4)
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +64,7 @@ def test_two_workers_on_one_host_match_one_worker(pristine, single_worker, tmp_p
     assert result.returncode == 0, result.stdout + result.stderr
     assert "[rank 0] " in result.stdout and "[rank 1] " in result.stdout
     assert "fold(s) [1, 3] of 3" in result.stdout and "fold(s) [2] of 3" in result.stdout
-    assert comparable_metrics(base) == comparable_metrics(single_worker)
-    assert same_weights(model_weights(base), model_weights(single_worker))
+    assert_same_results(base, single_worker)
     summary("distributed: 2 workers on 1 host, per-fold results identical to 1 worker")
 
 
@@ -87,8 +81,7 @@ def test_two_hosts_match_one_worker_and_only_the_leader_writes(
     outputs = [p.communicate(timeout=600)[0] for p in processes]
     assert [p.returncode for p in processes] == [0, 0], outputs
     leader, follower = bases
-    assert comparable_metrics(leader) == comparable_metrics(single_worker)
-    assert same_weights(model_weights(leader), model_weights(single_worker))
+    assert_same_results(leader, single_worker)
     assert not (follower / "model" / "model.json").exists()
     assert not (follower / "output" / "data" / "metrics.json").exists()
     assert not (follower / "output" / "failure").exists()

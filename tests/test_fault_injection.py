@@ -17,13 +17,11 @@ from pathlib import Path
 
 import pytest
 from conftest import (
-    comparable_metrics,
+    assert_same_results,
     copy_job,
     failure_text,
-    make_job,
-    model_weights,
+    pristine_job,
     run_train,
-    same_weights,
     start_train,
 )
 from species_classifier.atomic import PARTIAL_PREFIX
@@ -39,11 +37,7 @@ FAULT_RUNNER = Path(__file__).with_name("fault_runner.py")
 pytestmark = pytest.mark.slow  # every test trains whole jobs, several times
 
 
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory) -> Path:
-    return make_job(
-        tmp_path_factory.mktemp("pristine") / "opt_ml", HYPERPARAMETERS, photos_per_species=5
-    )
+pristine = pristine_job(HYPERPARAMETERS, photos_per_species=5)
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +62,6 @@ def finish(base: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def assert_same_as_reference(base: Path, reference: Path) -> None:
-    assert comparable_metrics(base) == comparable_metrics(reference)
-    assert same_weights(model_weights(base), model_weights(reference))
-
-
 def test_random_sigkills_then_resume_give_identical_results(pristine, reference, tmp_path, summary):
     rng = random.Random(20261127)
     base = copy_job(pristine, tmp_path / "opt_ml")
@@ -89,7 +78,7 @@ def test_random_sigkills_then_resume_give_identical_results(pristine, reference,
         process.communicate()
         completed = process.returncode == 0
         assert completed or process.returncode == -signal.SIGKILL
-    assert_same_as_reference(base, reference)
+    assert_same_results(base, reference)
     summary(
         f"fault injection: {kills} SIGKILLs at random moments survived; results identical "
         "to the uninterrupted run"
@@ -112,7 +101,7 @@ def test_sigkill_in_the_middle_of_a_checkpoint_write(
         "the kill did not land mid-write"
     )
     finish(base)
-    assert_same_as_reference(base, reference)
+    assert_same_results(base, reference)
     summary(
         f"fault injection: SIGKILL during atomic write #{write_number} survived; results identical"
     )
@@ -135,7 +124,7 @@ def test_sigterm_stops_within_seconds_and_the_restart_continues(
     assert "continues from there" in failure
     assert (base / "checkpoints" / "fold-1-progress.pt").is_file()
     finish(base)
-    assert_same_as_reference(base, reference)
+    assert_same_results(base, reference)
     summary(
         f"fault injection: SIGTERM honoured in {stopped_in:.1f} s (SageMaker allows 120 s); "
         "resumed with identical results"

@@ -26,16 +26,15 @@ import requests
 import torch
 from conftest import (
     TRAIN,
+    assert_same_results,
     comparable_metrics,
     copy_job,
-    free_port,
-    make_job,
-    model_weights,
+    pristine_job,
     run_train,
-    same_weights,
     train_env,
     update_hyperparameters,
 )
+from local_servers import free_port
 
 pytestmark = [
     pytest.mark.gpu,
@@ -83,16 +82,13 @@ def learned(base) -> float:
     return json.loads((base / "output" / "data" / "metrics.json").read_text())["mean_macro_f1"]
 
 
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory):
-    # 8 photos of each of 4 targets and of 1 other species: 8 per class.
-    return make_job(
-        tmp_path_factory.mktemp("pristine") / "opt_ml",
-        HYPERPARAMETERS,
-        photos_per_species=8,
-        species=("Lycorma delicatula", "Zenaida macroura", "Acer rubrum", "Erigeron canadensis")
-        + ("Quercus alba",),
-    )
+# 8 photos of each of 4 targets and of 1 other species: 8 per class.
+pristine = pristine_job(
+    HYPERPARAMETERS,
+    photos_per_species=8,
+    species=("Lycorma delicatula", "Zenaida macroura", "Acer rubrum", "Erigeron canadensis")
+    + ("Quercus alba",),
+)
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +143,7 @@ def test_sigkill_and_resume_on_the_gpu_gives_the_uninterrupted_results(
     assert process.returncode == -signal.SIGKILL
     output = finished(deterministic_train(base))
     assert "resuming after epoch" in output or "finished in an earlier run" in output, output
-    assert comparable_metrics(base) == comparable_metrics(reference)
-    assert same_weights(model_weights(base), model_weights(reference))
+    assert_same_results(base, reference)
     summary("gpu: SIGKILL after fold 1 epoch 1, resumed: metrics and weights bit-identical")
 
 

@@ -1,19 +1,9 @@
 """decode_photo: every photo a user sends works the same in training and serving, or fails in words."""
 
 import numpy as np
+import photos
 import pytest
 import torch
-from photos import (
-    cmyk_jpeg,
-    encode,
-    exif_rotated_jpeg,
-    greyscale_jpeg,
-    halves,
-    png_header,
-    sixteen_bit_png,
-    transparent_png,
-    truncated_jpeg,
-)
 from species_classifier.imaging import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -24,14 +14,14 @@ from species_classifier.imaging import (
 
 
 def test_jpeg_becomes_a_square_uint8_rgb_array():
-    pixels = decode_photo(encode(halves((500, 375))), 64)
+    pixels = decode_photo(photos.encode(photos.halves((500, 375))), 64)
     assert pixels.shape == (64, 64, 3) and pixels.dtype == np.uint8
     assert pixels[:, :20, 0].mean() > 200 and pixels[:, -20:, 2].mean() > 200
 
 
 def test_exif_orientation_is_applied():
     # Orientation 6: the stored left edge is displayed at the top.
-    pixels = decode_photo(exif_rotated_jpeg(6), 32).astype(int)
+    pixels = decode_photo(photos.exif_rotated_jpeg(6), 32).astype(int)
     top, bottom = pixels[:8].mean((0, 1)), pixels[-8:].mean((0, 1))
     assert top[0] > 200 and top[2] < 60
     assert bottom[2] > 200 and bottom[0] < 60
@@ -40,11 +30,11 @@ def test_exif_orientation_is_applied():
 @pytest.mark.parametrize(
     ("data", "expected"),
     [
-        (sixteen_bit_png(65535), (255, 255, 255)),
-        (sixteen_bit_png(32896), (128, 128, 128)),
-        (cmyk_jpeg(), (255, 0, 0)),
-        (transparent_png(), (255, 255, 255)),
-        (greyscale_jpeg(), (128, 128, 128)),
+        (photos.sixteen_bit_png(65535), (255, 255, 255)),
+        (photos.sixteen_bit_png(32896), (128, 128, 128)),
+        (photos.cmyk_jpeg(), (255, 0, 0)),
+        (photos.transparent_png(), (255, 255, 255)),
+        (photos.greyscale_jpeg(), (128, 128, 128)),
     ],
     ids=["16-bit-white", "16-bit-grey", "cmyk-red", "transparent-on-white", "greyscale"],
 )
@@ -58,8 +48,8 @@ def test_colour_modes_flatten_to_rgb(data, expected):
     [
         (b"", "not an image format"),
         (b"hello, not a photo", "not an image format"),
-        (truncated_jpeg(), "corrupt or truncated"),
-        (png_header(10_000, 10_000), "100000000 pixels|10000x10000 pixels is over"),
+        (photos.truncated_jpeg(), "corrupt or truncated"),
+        (photos.png_header(10_000, 10_000), "100000000 pixels|10000x10000 pixels is over"),
     ],
     ids=["empty", "text", "truncated", "100-megapixel-header"],
 )

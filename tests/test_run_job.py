@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import re
-import socket
 import subprocess
 import sys
 import tarfile
@@ -41,9 +40,9 @@ import pytest
 import requests
 from botocore.awsrequest import AWSResponse
 from botocore.exceptions import ClientError, ReadTimeoutError
+from conftest import moto_server
 from moto.core import DEFAULT_ACCOUNT_ID
 from moto.sagemaker.models import sagemaker_backends
-from moto.server import ThreadedMotoServer
 from PIL import Image
 from species_classifier.metric_lines import METRIC_DEFINITIONS
 from species_tools.launcher import cli
@@ -71,12 +70,6 @@ CREATES = ("PutObject", "CreateMultipartUpload", "CreateTrainingJob", "CreateMod
            "CreateEndpointConfig", "CreateEndpoint", "CreateTransformJob")  # fmt: skip
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @dataclass
 class LocalAws:
     endpoint: str
@@ -89,24 +82,18 @@ class LocalAws:
 @pytest.fixture(scope="module")
 def aws(tmp_path_factory):
     """A moto server for this module; the process environment points boto3 at it."""
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
     home = tmp_path_factory.mktemp("home")
-    env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": REGION,
-        # No profile, credentials or ~/.species-classifier.toml of the developer's leaks in.
-        "AWS_CONFIG_FILE": str(home / "aws-config"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(home / "aws-credentials"),
-        "HOME": str(home),
-    }
     werkzeug = logging.getLogger("werkzeug")
     level = werkzeug.level
     werkzeug.setLevel(logging.ERROR)
-    with pytest.MonkeyPatch.context() as patch:
+    with moto_server(REGION) as local, pytest.MonkeyPatch.context() as patch:
+        env = {
+            **local,
+            # No profile, credentials or ~/.species-classifier.toml of the developer's leaks in.
+            "AWS_CONFIG_FILE": str(home / "aws-config"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(home / "aws-credentials"),
+            "HOME": str(home),
+        }
         for name, value in env.items():
             patch.setenv(name, value)
         for name in ("AWS_PROFILE", "AWS_REGION", "AWS_SESSION_TOKEN", "SPECIES_CONFIG", *SETTINGS):
@@ -120,7 +107,6 @@ def aws(tmp_path_factory):
             env["AWS_ENDPOINT_URL"], env, s3, boto3.client("sagemaker"), boto3.client("logs")
         )
     werkzeug.setLevel(level)
-    server.stop()
 
 
 @dataclass

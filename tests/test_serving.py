@@ -44,12 +44,8 @@ def bundle_base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(bundle_base, tmp_path_factory):
-    process = ServerProcess(bundle_base, tmp_path_factory.mktemp("log") / "serve.log")
-    try:
-        process.wait_ready()
+    with ServerProcess(bundle_base, tmp_path_factory.mktemp("log") / "serve.log") as process:
         yield process
-    finally:
-        process.terminate()
 
 
 def invoke(server, body, content_type="image/jpeg", **headers) -> requests.Response:

@@ -56,12 +56,8 @@ def server(tmp_path_factory):
     # 32 px keeps a 3-member forward pass to milliseconds on a shared 2-core CPU, so the soak
     # measures the server (HTTP, decoding, batching, memory), not the network's arithmetic.
     make_bundle(base / "model", img_size=32, members=3)
-    process = ServerProcess(base, tmp_path_factory.mktemp("log") / "serve.log")
-    try:
-        process.wait_ready()
+    with ServerProcess(base, tmp_path_factory.mktemp("log") / "serve.log") as process:
         yield process
-    finally:
-        process.terminate()
 
 
 def processes(server) -> list[psutil.Process]:

@@ -1,4 +1,6 @@
-"""A generated photo set with a learnable difference between classes, for demos and tests.
+"""A generated photo set with a learnable difference between classes, for demos and tests,
+and stand-ins for what training would otherwise have to make first: ImageNet-like weights
+and a model bundle.
 
 Each class gets its own colour under random noise, blobs and brightness, saved as
 ~500 px JPEGs (the size of iNaturalist's "medium" photos: 500 on the long side) in turn
@@ -19,6 +21,8 @@ from PIL import Image
 
 DEMO_TARGETS = ("Lycorma delicatula", "Zenaida macroura", "Acer rubrum", "Erigeron canadensis")
 DEMO_OTHERS = ("Acer saccharum", "Quercus alba", "Turdus migratorius")
+# The classes a model trained on the demo targets answers with.
+DEMO_CLASSES = (*DEMO_TARGETS, "other")
 CSV_NAME = "train.csv"
 # (height, width) as fractions of the long side, taken in turn photo by photo.
 SHAPES = {"landscape": (0.75, 1.0), "portrait": (1.0, 0.75), "square": (1.0, 1.0)}
@@ -117,6 +121,23 @@ def pretrain_stand_in_weights(
     target.parent.mkdir(parents=True, exist_ok=True)
     torch.save(network.state_dict(), target)
     return target
+
+
+def make_random_bundle(model_dir: Path, img_size: int = 64, members: int = 3) -> Path:
+    """A model bundle laid out as training writes it, of the demo classes, without training:
+    efficientnet_b1 members with random weights, a different seed per member."""
+    import torch  # imported here: writing a demo dataset needs no torch
+
+    from species_classifier.artifacts import BundleDescription, Member, write_bundle
+    from species_classifier.model import build_model
+
+    names = [Member(f"fold-{k}", f"fold-{k}.pt") for k in range(1, members + 1)]
+    state_dicts = {}
+    for seed, member in enumerate(names):
+        torch.manual_seed(seed)
+        state_dicts[member.name] = build_model(len(DEMO_CLASSES), pretrained=False).state_dict()
+    write_bundle(model_dir, BundleDescription(list(DEMO_CLASSES), img_size, names), state_dicts)
+    return model_dir
 
 
 def main() -> None:

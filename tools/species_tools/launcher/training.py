@@ -284,6 +284,14 @@ def checkpoints_of(ctx: Context, job: str) -> str:
     return uri
 
 
+def output_location(args: argparse.Namespace) -> str:
+    """Where jobs put their model and output archives: --output, or s3://BUCKET/PREFIX/output/."""
+    if args.output:
+        return args.output
+    require(args, "bucket")
+    return f"s3://{args.bucket}/{args.prefix}/output/"
+
+
 def training_data_location(args: argparse.Namespace) -> tuple[str, Path | None, list[Path]]:
     """The channel's S3 prefix, and the local folder and files to upload there (none for S3)."""
     if args.data.startswith("s3://"):
@@ -304,11 +312,7 @@ def training_data_location(args: argparse.Namespace) -> tuple[str, Path | None, 
 def command_train(args: argparse.Namespace, ctx: Context) -> int:
     require(args, "image", "role", "instance_type", "data")
     job = check_name(args.job_name or timestamped_name(DEFAULT_PREFIX), "job name")
-    if args.output:
-        output = args.output
-    else:
-        require(args, "bucket")
-        output = f"s3://{args.bucket}/{args.prefix}/output/"
+    output = output_location(args)
     data_uri, folder, files = training_data_location(args)
     # The whole request is validated before any upload.
     request = training_job_request(args, job, data_uri, output)

@@ -36,6 +36,7 @@ from species_tools.launcher.training import (
     checked_hyperparameters,
     checked_tags,
     job_definition,
+    output_location,
     training_data_location,
 )
 from species_tools.launcher.upload import upload_channel
@@ -238,11 +239,7 @@ def watch_tuning_job(
 def command_tune(args: argparse.Namespace, ctx: Context) -> int:
     require(args, "image", "role", "instance_type", "data")
     name = tuning_name(args)
-    if args.output:
-        output = args.output
-    else:
-        require(args, "bucket")
-        output = f"s3://{args.bucket}/{args.prefix}/output/"
+    output = output_location(args)
     data_uri, folder, files = training_data_location(args)
     request = tuning_request(args, name, data_uri, output)
     if folder is not None:
