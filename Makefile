@@ -12,7 +12,7 @@ DEMO := local/demo
 # The demo job, for `make demo` on this machine and `make train-local` in the image: 3 folds
 # x 4 epochs at 64 px run in minutes on a CPU. PRETRAINED (below) is false for images built
 # without weights.
-DEMO_HYPERPARAMETERS = {"target_species": "Lycorma delicatula,Zenaida macroura,Acer rubrum,Erigeron canadensis", "k_folds": "3", "num_epochs": "4", "img_size": "64", "batch_size": "16", "pretrained": "$(PRETRAINED)"}
+DEMO_HYPERPARAMETERS = {"target_species": "Lycorma delicatula,Zenaida macroura,Acer rubrum,Erigeron canadensis", "k_folds": "3", "num_epochs": "4", "img_size": "64", "batch_size": "16", "holdout_fraction": "0.15", "pretrained": "$(PRETRAINED)"}
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
