@@ -11,7 +11,7 @@ transform job was given.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -157,10 +157,34 @@ def settled_endpoint(
     ctx: Context, endpoint: str, poll_seconds: float, timeout_s: float
 ) -> dict[str, Any] | None:
     """The endpoint once it is in a state a deploy can act on (None: there is none)."""
+    return watch_endpoint(
+        ctx,
+        endpoint,
+        settled,
+        f"endpoint {endpoint} to finish what it is doing before this deploy",
+        poll_seconds,
+        timeout_s,
+    )
+
+
+def settled(description: Mapping[str, Any] | None) -> bool:
+    """Gone, or in a state that is not on its way to another."""
+    return description is None or description["EndpointStatus"] not in TRANSITIONAL
+
+
+def watch_endpoint(
+    ctx: Context,
+    endpoint: str,
+    done: Callable[[Mapping[str, Any] | None], bool],
+    what: str,
+    poll_seconds: float,
+    timeout_s: float,
+) -> dict[str, Any] | None:
+    """Poll the endpoint, printing each change of status, until `done` (None: it is gone)."""
     return poll_until(
         status_printer(ctx, endpoint),
-        lambda d: d is None or d["EndpointStatus"] not in TRANSITIONAL,
-        what=f"endpoint {endpoint} to finish what it is doing before this deploy",
+        done,
+        what=what,
         timeout_s=timeout_s,
         poll_seconds=poll_seconds,
         ctx=ctx,
@@ -189,13 +213,13 @@ def replace_failed_endpoint(
         "a Failed endpoint can only be deleted: deleting it, then creating it again"
     )
     ctx.aws.sagemaker.delete_endpoint(EndpointName=endpoint)
-    poll_until(
-        status_printer(ctx, endpoint),
+    watch_endpoint(
+        ctx,
+        endpoint,
         lambda d: d is None,
-        what=f"the Failed endpoint {endpoint} to be deleted",
-        timeout_s=timeout_s,
-        poll_seconds=poll_seconds,
-        ctx=ctx,
+        f"the Failed endpoint {endpoint} to be deleted",
+        poll_seconds,
+        timeout_s,
     )
     ctx.out(f"  the failed deployment's config and model are kept; remove them with: {hint}")
 
@@ -203,13 +227,8 @@ def replace_failed_endpoint(
 def wait_until_in_service(
     ctx: Context, endpoint: str, poll_seconds: float, timeout_s: float
 ) -> dict[str, Any]:
-    description = poll_until(
-        status_printer(ctx, endpoint),
-        lambda d: d is None or d["EndpointStatus"] not in TRANSITIONAL,
-        what=f"endpoint {endpoint} to be InService",
-        timeout_s=timeout_s,
-        poll_seconds=poll_seconds,
-        ctx=ctx,
+    description = watch_endpoint(
+        ctx, endpoint, settled, f"endpoint {endpoint} to be InService", poll_seconds, timeout_s
     )
     if description is None:
         raise JobFailed(f"endpoint {endpoint} was deleted while it deployed")
