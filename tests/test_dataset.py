@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
+from species_classifier.channel import find_csv
 from species_classifier.dataset import (
     DatasetError,
     check_class_sizes,
-    find_csv,
     label_photos,
     make_folds,
     read_rows,

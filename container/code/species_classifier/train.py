@@ -30,13 +30,13 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from species_classifier import holdout, metric_lines
 from species_classifier.artifacts import BundleDescription, Member, write_bundle
 from species_classifier.cache import build_cache
+from species_classifier.channel import find_csv
 from species_classifier.checkpoint import CheckpointStore
 from species_classifier.config import ConfigError, TrainingConfig, parse_hyperparameters
 from species_classifier.dataset import (
     DatasetError,
     LabelledPhotos,
     check_class_sizes,
-    find_csv,
     label_photos,
     make_folds,
     read_rows,
