@@ -34,8 +34,3 @@ def atomic_write(target: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-
-
-def write_bytes_atomically(target: Path, data: bytes) -> None:
-    with atomic_write(target) as handle:
-        handle.write(data)
