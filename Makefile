@@ -6,7 +6,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-.PHONY: help venv test test-fast lint format demo
+.PHONY: help venv system-deps test test-fast lint format demo
 
 DEMO := local/demo
 # The demo job, for `make demo` on this machine and `make train-local` in the image: 3 folds
@@ -26,11 +26,14 @@ $(BIN)/.installed: requirements-torch.txt requirements.txt requirements-dev.txt 
 
 venv: $(BIN)/.installed ## build .venv (idempotent: reinstalls only when the pins change)
 
+system-deps: ## install the system packages the container tests need (podman...), only those missing
+	scripts/system_deps.sh
+
 # Idle OpenMP threads sleep instead of spinning: on a busy machine spinning threads take the
 # cores from the ones with work (a 15 s test fixture took 480 s). container/serve does the same.
 test test-fast demo: export OMP_WAIT_POLICY ?= PASSIVE
 
-test: venv ## run the whole test suite (CI's command)
+test: venv system-deps ## run the whole test suite (CI's command)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
 
 test-fast: venv ## the edit-test loop: everything but the slow, container and GPU tests (minutes)
