@@ -52,3 +52,35 @@ def test_example_config_holds_the_seed_choice():
     assert settings.other_box == Box(39.19, 39.37, -76.71, -76.52)
     assert settings.quality_grades == ("research",) and settings.photo_size == "medium"
     assert settings.max_missing_percent == 1.0
+
+
+def test_a_setting_added_at_the_end_of_the_example_is_that_setting(tmp_path):
+    example = (REPO / "scripts" / "collect_inaturalist.example.toml").read_text()
+    config = tmp_path / "c.toml"
+    config.write_text(example + "workers = 8\n")
+    settings = load_settings(["--config", str(config), "--dest", "out"])
+    assert settings.workers == 8
+    assert settings.caps == {
+        "Acer saccharum": 300, "Acer saccharinum": 300, "Acer platanoides": 300, "other": 3000,
+    }  # fmt: skip
+
+
+def test_a_setting_below_a_caps_table_is_refused_in_one_line(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text(
+        'targets = ["Acer rubrum"]\nspecies_box = "38,39,-79,-75"\nother_box = "38,39,-79,-75"\n'
+        "[caps]\nother = 30\nworkers = 8\nseed = 3\n"
+    )
+    result = run_cli("--config", str(config), "--dest", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "seed, workers is inside the [caps] table" in result.stderr
+    assert "move it above [caps]" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_caps_that_are_not_a_table_are_refused(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text("caps = 30\n")
+    with pytest.raises(SettingsError, match=r"caps = 30 is not a table of NAME = N"):
+        load_settings(["--config", str(config)])
