@@ -10,11 +10,14 @@ from collections import Counter
 
 import pytest
 from collector_helpers import (
+    BALTIMORE,
     DROPPED,
     EXPECTED_CLASSES,
     EXPECTED_SPECIES,
+    MARYLAND,
     REPO,
     TARGETS,
+    TAXA,
     check_attribution,
     missing_photo_id,
     read_csv,
@@ -22,6 +25,7 @@ from collector_helpers import (
     write_config,
 )
 from conftest import run_train, write_hyperparameters
+from inaturalist_bucket import OpenData
 from species_tools.collector import cli
 
 
@@ -97,3 +101,42 @@ def test_train_accepts_a_collected_channel(collector_s3, s3_front, tmp_path):
     metrics = json.loads((base / "output" / "data" / "metrics.json").read_text())
     assert metrics["classes"] == sorted(EXPECTED_CLASSES)
     assert (base / "model" / "model.json").is_file()
+
+
+def test_a_selection_of_many_species_is_summarised_and_the_plan_counts_them_all(tmp_path):
+    # 40 `other` species in Baltimore, species n with n observations: a wide box in small.
+    taxa = [row for row in TAXA if row[4] in TARGETS and len(row) == 5]
+    taxa += [
+        (200 + n, f"48460/1/2/9/{200 + n}", 10, "species", f"Species {n:02}") for n in range(1, 41)
+    ]
+    data = OpenData(taxa)
+    for taxon in (101, 102, 103, 104):
+        data.add(taxon, MARYLAND)
+    for n in range(1, 41):
+        for _ in range(n):
+            data.add(200 + n, BALTIMORE)
+    metadata = tmp_path / "metadata"
+    metadata.mkdir()
+    for name, body in data.metadata().items():
+        (metadata / name).write_bytes(body)
+    channel = tmp_path / "channel"
+    config = write_config(tmp_path / "c.toml", str(channel), lookalikes=[], caps={})
+
+    result = run_cli("--config", str(config), "--metadata-dir", str(metadata), "--select-only")
+    assert result.returncode == 0, result.stderr
+    listed = [line.split()[:3] for line in result.stdout.splitlines() if "(other)" in line]
+    assert listed == [["Species", f"{n:02}", str(n)] for n in range(40, 20, -1)]
+    rest = sum(range(1, 21))
+    assert f"... and 20 more other species ({rest} photos)" in result.stdout
+    assert len(result.stdout.splitlines()) < 40
+    (logged,) = [line for line in result.stderr.splitlines() if "observations selected" in line]
+    assert "observations selected: 824; Lycorma delicatula 1," in logged
+    assert "40 other species, the largest Species 40 40, Species 39 39," in logged
+    assert logged.endswith("Species 21 21 and 20 more")
+
+    plan = json.loads((channel / "collect_inaturalist.plan.json").read_text())
+    assert plan["per_species"] == {
+        **{f"Species {n:02}": n for n in range(40, 0, -1)},
+        **dict.fromkeys(TARGETS, 1),
+    }
+    assert list(plan["per_species"])[:3] == ["Species 40", "Species 39", "Species 38"]

@@ -36,7 +36,13 @@ from species_tools.collector.destination import (
     open_destination,
 )
 from species_tools.collector.metadata import MetadataSource
-from species_tools.collector.selection import Photo, Selection, select_photos
+from species_tools.collector.selection import (
+    LISTED_SPECIES,
+    Photo,
+    Selection,
+    largest_others,
+    select_photos,
+)
 from species_tools.collector.settings import OTHER, SOURCE_REGION, Settings, load_settings, plain
 
 _log = logging.getLogger("collect_inaturalist")
@@ -104,6 +110,7 @@ def load_or_select(settings: Settings, dest: Destination, metadata: MetadataSour
         "settings": {k: plain(v) for k, v in dataclasses.asdict(settings).items()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "dropped": dict(selection.dropped),
+        "per_species": dict(Counter(p.species_name for p in selection.photos).most_common()),
         "photos": [dataclasses.asdict(p) for p in selection.photos],
     }
     dest.write_text(PLAN_NAME, json.dumps(plan))
@@ -170,12 +177,19 @@ def _print_counts(heading: str, settings: Settings, photos: list[Photo]) -> None
             f"  warning: fewer than {SCARCE} photos for {', '.join(scarce)}: train needs at "
             "least k_folds (default 3) per class; widen the boxes or grades, or lower k_folds"
         )
-    _say("  per species in the CSV:")
-    for name in sorted(per_species):
-        role = "target" if name in settings.targets else (
-            "look-alike" if name in settings.lookalikes else OTHER
-        )  # fmt: skip
+    _say(f"  per species ({len(per_species):,}):")
+    for name in sorted(n for n in per_species if settings.group_of(n) != OTHER):
+        role = "target" if name in settings.targets else "look-alike"
         _say(f"    {name:<32} {per_species[name]:>7}  ({role})")
+    others = largest_others(per_species, settings)
+    for name, count in others[:LISTED_SPECIES]:
+        _say(f"    {name:<32} {count:>7}  ({OTHER})")
+    if len(others) > LISTED_SPECIES:
+        rest = others[LISTED_SPECIES:]
+        _say(
+            f"    ... and {len(rest):,} more {OTHER} species ({sum(c for _, c in rest):,} "
+            f"photos): {PLAN_NAME} counts every species under per_species"
+        )
 
 
 def _print_copies(

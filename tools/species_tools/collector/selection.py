@@ -34,13 +34,15 @@ from species_tools.collector.metadata import (
     TAXA,
     MetadataSource,
 )
-from species_tools.collector.settings import Settings
+from species_tools.collector.settings import OTHER, Settings
 
 _log = logging.getLogger("collect_inaturalist")
 
 IMAGES_DIR = "images"
 SPECIES = "species"
 SPECIES_RANK_LEVEL = 10.0
+# `other` species named in a summary; the plan counts every one.
+LISTED_SPECIES = 20
 
 
 @dataclass(frozen=True)
@@ -90,10 +92,7 @@ def select_photos(settings: Settings, metadata: MetadataSource) -> Selection:
             labels[uuid] = names[taxon_id]
         else:
             dropped["observations not identified to a species"] += 1
-    _log.info(
-        "observations selected: %s",
-        ", ".join(f"{name} {count}" for name, count in sorted(Counter(labels.values()).items())),
-    )
+    _log.info("observations selected: %s", observation_summary(labels, settings))
     candidates, shared = _scan_photos(metadata, labels)
     photos = _without_shared(candidates, shared, dropped)
     photos = _allowed_licences(photos, settings.licenses, dropped)
@@ -102,6 +101,28 @@ def select_photos(settings: Settings, metadata: MetadataSource) -> Selection:
     photos = _seeded_cap(photos, settings, dropped)
     photos.sort(key=lambda p: (p.species_name, p.photo_id))
     return Selection(photos, +dropped)
+
+
+def largest_others(per_species: Counter, settings: Settings) -> list[tuple[str, int]]:
+    """The `other` species with the most photos or observations first, then by name: a wide
+    box holds thousands of species, of which a summary names the first `LISTED_SPECIES`."""
+    others = [(n, c) for n, c in per_species.items() if settings.group_of(n) == OTHER]
+    return sorted(others, key=lambda item: (-item[1], item[0]))
+
+
+def observation_summary(labels: dict[str, str], settings: Settings) -> str:
+    """One short line however wide the boxes: every target and look-alike, the largest
+    `other` species, and how many more."""
+    per_species = Counter(labels.values())
+    chosen = ", ".join(f"{n} {per_species[n]:,}" for n in settings.targets + settings.lookalikes)
+    others = largest_others(per_species, settings)
+    listed = ", ".join(f"{n} {c:,}" for n, c in others[:LISTED_SPECIES])
+    more = len(others) - LISTED_SPECIES
+    return (
+        f"{len(labels):,}; {chosen}; {len(others):,} other species"
+        + (f", the largest {listed}" if others else "")
+        + (f" and {more:,} more" if more > 0 else "")
+    )
 
 
 def _taxonomy(settings: Settings, metadata: MetadataSource) -> Taxonomy:
