@@ -156,12 +156,16 @@ def later_snapshot() -> OpenData:
 
 
 @contextlib.contextmanager
-def local_open_data(metadata_dir: Path) -> Iterator[dict]:
+def local_open_data(folder: Path) -> Iterator[dict]:
     """moto with the buckets filled, behind the front; the environment points at the front,
-    and the four metadata files are also in `metadata_dir`, for --metadata-dir."""
+    the four metadata files are also in `folder`/metadata, for --metadata-dir, and an
+    interrupted scan's progress goes to `folder`/cache."""
+    metadata_dir = folder / "metadata"
+    metadata_dir.mkdir()
     with moto_server() as local, pytest.MonkeyPatch.context() as patch:
         front = S3Front(urlsplit(local["AWS_ENDPOINT_URL"]).port)
-        for key, value in {**local, "AWS_ENDPOINT_URL": front.endpoint}.items():
+        environment = {**local, "AWS_ENDPOINT_URL": front.endpoint}
+        for key, value in {**environment, "XDG_CACHE_HOME": str(folder / "cache")}.items():
             patch.setenv(key, value)
         data, later = open_data(), later_snapshot()
         s3 = boto3.client("s3")
@@ -171,7 +175,10 @@ def local_open_data(metadata_dir: Path) -> Iterator[dict]:
         for key, body in data.metadata().items():
             (metadata_dir / key).write_bytes(body)
         try:
-            yield {"data": data, "later": later, "metadata_dir": metadata_dir, "front": front}
+            yield {
+                "data": data, "later": later, "metadata_dir": metadata_dir, "front": front,
+                "progress": folder / "cache" / "collect-inaturalist",
+            }  # fmt: skip
         finally:
             front.stop()
 

@@ -204,7 +204,7 @@ def collector_s3(tmp_path_factory):
     (collector_helpers.local_open_data); the environment points boto3 at it."""
     from collector_helpers import local_open_data  # moto is slow to import: only where used
 
-    with local_open_data(tmp_path_factory.mktemp("metadata")) as local:
+    with local_open_data(tmp_path_factory.mktemp("open_data")) as local:
         yield local
 
 

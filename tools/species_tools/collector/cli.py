@@ -1,6 +1,7 @@
 """The `collect-inaturalist` command: select (or reuse the saved plan), copy, write the CSV.
 
-Resuming: the selection is saved at the destination (`collect_inaturalist.plan.json`) and
+Resuming: a scan interrupted part-way resumes after its last finished pass (scan_progress);
+the selection is saved at the destination (`collect_inaturalist.plan.json`) and
 reused while the selection settings are unchanged; photos already at the destination are not
 copied again (every write is whole or absent); the CSV is written last and in one piece, so
 it exists only once every selected photo is in place or known to be gone.
@@ -36,6 +37,7 @@ from species_tools.collector.destination import (
     open_destination,
 )
 from species_tools.collector.metadata import MetadataSource
+from species_tools.collector.scan_progress import ScanProgress, progress_folder
 from species_tools.collector.selection import (
     LISTED_SPECIES,
     Photo,
@@ -104,7 +106,8 @@ def load_or_select(settings: Settings, dest: Destination, metadata: MetadataSour
             "the settings (or this collector's plan format) changed since %s was saved: "
             "scanning again", PLAN_NAME,
         )  # fmt: skip
-    selection = select_photos(settings, metadata)
+    progress = ScanProgress(progress_folder(), settings.dest, fingerprint, metadata.snapshot())
+    selection = select_photos(settings, metadata, progress)
     plan = {
         "fingerprint": fingerprint,
         "settings": {k: plain(v) for k, v in dataclasses.asdict(settings).items()},
@@ -114,6 +117,7 @@ def load_or_select(settings: Settings, dest: Destination, metadata: MetadataSour
         "photos": [dataclasses.asdict(p) for p in selection.photos],
     }
     dest.write_text(PLAN_NAME, json.dumps(plan))
+    progress.discard()
     return selection
 
 
