@@ -72,4 +72,8 @@ class ScanProgress:
             )  # fmt: skip
 
     def discard(self) -> None:
-        self.path.unlink(missing_ok=True)
+        """Remove the file once the plan holds the selection; one left behind is only space."""
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError as error:
+            _log.warning("cannot remove %s (%s)", self.path, error.strerror or error)
