@@ -1,7 +1,7 @@
 """What the finished passes of a scan found, kept on this machine until the plan is saved.
 
-On the full snapshot the five passes take 20-27 minutes; a Ctrl-C or a crash in the fourth
-would otherwise start the first again. After each pass the selection writes what it needs
+On the full snapshot the five passes take tens of minutes; a Ctrl-C or a crash in the
+fourth would otherwise start the first again. After each pass the selection writes what it needs
 from the passes so far to one file per destination, whole or not at all (a kill mid-write
 leaves the previous pass's file). The file is keyed by the selection settings and the
 version of each metadata file: a changed setting or a new monthly snapshot starts over.
