@@ -1,5 +1,6 @@
 """The command (cli.py, scripts/collect_inaturalist.py): installed under its name, a whole
-collection into a local folder that resumes and that `train` accepts.
+collection into a local folder that resumes, a summary that stays short however many species
+are selected, and a channel that `train` accepts.
 """
 
 from __future__ import annotations
@@ -103,7 +104,10 @@ def test_train_accepts_a_collected_channel(collector_s3, s3_front, tmp_path):
     assert (base / "model" / "model.json").is_file()
 
 
-def test_a_selection_of_many_species_is_summarised_and_the_plan_counts_them_all(tmp_path):
+def test_a_selection_of_many_species_is_summarised_and_the_plan_counts_them_all(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     # 40 `other` species in Baltimore, species n with n observations: a wide box in small.
     taxa = [row for row in TAXA if row[4] in TARGETS and len(row) == 5]
     taxa += [

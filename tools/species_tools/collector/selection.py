@@ -165,7 +165,7 @@ def _name_other_species(scan: Scan, settings: Settings, metadata: MetadataSource
             scan.labels[uuid] = names[taxon_id]
         else:
             scan.dropped["observations not identified to a species"] += 1
-    scan.taxonomy, scan.other_taxa = None, {}
+    scan.taxonomy, scan.other_taxa = None, {}  # the passes to come need neither: not saved
     _log.info("observations selected: %s", observation_summary(scan.labels, settings))
 
 
@@ -174,7 +174,7 @@ def _find_photos(scan: Scan, settings: Settings, metadata: MetadataSource) -> No
     photos = _without_shared(candidates, shared, scan.dropped)
     photos = _allowed_licences(photos, settings.licenses, scan.dropped)
     scan.photos = _first_per_observation(photos, settings.photos_per_observation, scan.dropped)
-    scan.labels = {}
+    scan.labels = {}  # the photos carry their labels now
 
 
 def largest_others(per_species: Counter, settings: Settings) -> list[tuple[str, int]]:
