@@ -1,10 +1,12 @@
 """The metadata streams (metadata.py): a changed layout named, a dropped connection resumed at
-the byte where it stopped, a file replaced mid-read never spliced.
+the byte where it stopped, a file replaced mid-read never spliced, and a scan held to the
+versions its snapshot named.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import Counter
 
@@ -23,7 +25,7 @@ from collector_helpers import (
 )
 from inaturalist_bucket import public_read
 from species_tools.collector import CollectError
-from species_tools.collector.metadata import MetadataSource
+from species_tools.collector.metadata import FILES, MetadataSource
 
 
 def test_a_changed_column_layout_is_named(collector_s3, tmp_path):
@@ -80,3 +82,34 @@ def test_a_metadata_file_replaced_while_it_is_read_is_not_spliced(collector_s3, 
     with pytest.raises(CollectError, match=re.escape(f"s3://{bucket}/{name} was replaced")):
         list(rows)
     assert [r.status for r in s3_front.requests_for(name) if r.method == "GET"] == [200, 412]
+
+
+def test_a_scan_reads_the_versions_its_snapshot_named(collector_s3, s3_front):
+    bucket, name = "inaturalist-open-data-next", "photos.csv.gz"
+    s3 = boto3.client("s3")
+    later_snapshot().fill(s3, bucket)
+    source = boto3.client("s3", config=Config(signature_version=UNSIGNED))
+    metadata = MetadataSource(source, bucket, None)
+    versions = metadata.snapshot()
+    assert versions == {
+        key: s3.head_object(Bucket=bucket, Key=key)["ETag"] for key in FILES
+    }  # fmt: skip
+    # Next month's file lands between the snapshot and the pass that reads it.
+    s3.put_object(Bucket=bucket, Key=name, Body=open_data().metadata()[name])
+    with pytest.raises(CollectError, match=re.escape(f"s3://{bucket}/{name} was replaced")):
+        list(metadata.rows(name, ("photo_id",)))
+    (get,) = [r for r in s3_front.requests_for(name) if r.method == "GET"]
+    assert get.status == 412
+
+
+def test_a_local_snapshot_changes_with_a_file_and_names_a_missing_one(collector_s3, tmp_path):
+    folder = edited_metadata(collector_s3["metadata_dir"], tmp_path / "m", "taxa.csv.gz", b"", b"")
+    metadata = MetadataSource(None, SOURCE, str(folder))
+    before = metadata.snapshot()
+    stamp = (folder / "observers.csv.gz").stat().st_mtime_ns
+    os.utime(folder / "observers.csv.gz", ns=(stamp + 10**9, stamp + 10**9))
+    after = metadata.snapshot()
+    assert [n for n in FILES if before[n] != after[n]] == ["observers.csv.gz"]
+    (folder / "photos.csv.gz").unlink()
+    with pytest.raises(CollectError, match=re.escape(f"cannot read {folder / 'photos.csv.gz'}")):
+        metadata.snapshot()
