@@ -196,3 +196,22 @@ def pytest_terminal_summary(terminalreporter, config) -> None:
         terminalreporter.section("proof in numbers")
         for line in lines:
             terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="module")
+def collector_s3(tmp_path_factory):
+    """A local S3 holding the open data, for one collector test module
+    (collector_helpers.local_open_data); the environment points boto3 at it."""
+    from collector_helpers import local_open_data  # moto is slow to import: only where used
+
+    with local_open_data(tmp_path_factory.mktemp("open_data")) as local:
+        yield local
+
+
+@pytest.fixture
+def s3_front(collector_s3):
+    """collector_s3's front with no special behaviour; whatever a test sets is undone after it."""
+    front = collector_s3["front"]
+    front.reset()
+    yield front
+    front.reset()

@@ -12,7 +12,8 @@ alike, without looking at the principal, its optional IAM check reads only the c
 policies, and it checks a CopyObject against the destination bucket only. So the front
 answers those requests AccessDenied itself, over real HTTP, and passes everything else to
 moto, where the source bucket carries the public-read policy. It can also answer 403 for photos withdrawn since the
-snapshot, cut a download after some bytes (a dropped connection), and it records every
+snapshot, cut a download after some bytes (a dropped connection), stall one (a slow read,
+to interrupt the collector in the middle of a scan), and it records every
 request, so tests can see what the collector asked for.
 """
 
@@ -163,6 +164,9 @@ class S3Front:
         self.public_buckets: set[str] = set()  # buckets that deny the user's signed requests
         self.withdrawn: set[tuple[str, str]] = set()  # (bucket, key) refused to everyone
         self.cuts: dict[tuple[str, str], int] = {}  # first full GET of (bucket, key): N bytes
+        # First GET of (bucket, key): left unanswered until reset(); the event says it came.
+        self.stalls: dict[tuple[str, str], threading.Event] = {}
+        self._release = threading.Event()
         self.requests: list[Request] = []
         self._lock = threading.Lock()
         front = self
@@ -188,8 +192,19 @@ class S3Front:
         self.server.shutdown()
         self.server.server_close()
 
+    def stall(self, bucket: str, key: str) -> threading.Event:
+        """Leave the next GET of `key` unanswered (a slow read) until reset(); the returned
+        event is set once that request is waiting."""
+        arrived = threading.Event()
+        with self._lock:
+            self.stalls[(bucket, key)] = arrived
+        return arrived
+
     def reset(self) -> None:
         with self._lock:
+            self._release.set()
+            self._release = threading.Event()
+            self.stalls.clear()
             self.public_buckets.clear()
             self.withdrawn.clear()
             self.cuts.clear()
@@ -210,6 +225,14 @@ class S3Front:
         source_bucket, _, source_key = copy_source.partition("/")
         length = int(handler.headers.get("Content-Length") or 0)
         body = handler.rfile.read(length) if length else b""
+        with self._lock:
+            stalled = self.stalls.pop((bucket, key), None) if handler.command == "GET" else None
+            release = self._release
+        if stalled is not None:
+            stalled.set()
+            release.wait(60)
+            handler.close_connection = True
+            return  # the client gave up while it waited: nothing to answer
         read = (bucket, key) if handler.command in ("GET", "HEAD") else None
         copied = (source_bucket, source_key) if copy_source else None
         denied = any(

@@ -6,6 +6,7 @@ folder, and writes the CSV `train` reads, with each photo's licence and who to c
 
 One module per stage: `settings` (flags, TOML, validation), `metadata` (the streamed,
 resumable `.csv.gz` files), `selection` (which photos, and why the others were left out),
+`scan_progress` (what the finished passes of an interrupted scan found),
 `destination` (the source bucket, an S3 prefix or a local folder), `copying` (many photos at
 once, and what a photo gone from the bucket means), `cli` (the run, its plan, CSV and summary).
 """

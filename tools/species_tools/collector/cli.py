@@ -1,6 +1,7 @@
 """The `collect-inaturalist` command: select (or reuse the saved plan), copy, write the CSV.
 
-Resuming: the selection is saved at the destination (`collect_inaturalist.plan.json`) and
+Resuming: a scan interrupted part-way resumes after its last finished pass (scan_progress);
+the selection is saved at the destination (`collect_inaturalist.plan.json`) and
 reused while the selection settings are unchanged; photos already at the destination are not
 copied again (every write is whole or absent); the CSV is written last and in one piece, so
 it exists only once every selected photo is in place or known to be gone.
@@ -36,7 +37,14 @@ from species_tools.collector.destination import (
     open_destination,
 )
 from species_tools.collector.metadata import MetadataSource
-from species_tools.collector.selection import Photo, Selection, select_photos
+from species_tools.collector.scan_progress import ScanProgress, progress_folder
+from species_tools.collector.selection import (
+    LISTED_SPECIES,
+    Photo,
+    Selection,
+    largest_others,
+    select_photos,
+)
 from species_tools.collector.settings import OTHER, SOURCE_REGION, Settings, load_settings, plain
 
 _log = logging.getLogger("collect_inaturalist")
@@ -98,15 +106,18 @@ def load_or_select(settings: Settings, dest: Destination, metadata: MetadataSour
             "the settings (or this collector's plan format) changed since %s was saved: "
             "scanning again", PLAN_NAME,
         )  # fmt: skip
-    selection = select_photos(settings, metadata)
+    progress = ScanProgress(progress_folder(), settings.dest, fingerprint, metadata.snapshot())
+    selection = select_photos(settings, metadata, progress)
     plan = {
         "fingerprint": fingerprint,
         "settings": {k: plain(v) for k, v in dataclasses.asdict(settings).items()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "dropped": dict(selection.dropped),
+        "per_species": dict(Counter(p.species_name for p in selection.photos).most_common()),
         "photos": [dataclasses.asdict(p) for p in selection.photos],
     }
     dest.write_text(PLAN_NAME, json.dumps(plan))
+    progress.discard()
     return selection
 
 
@@ -170,12 +181,19 @@ def _print_counts(heading: str, settings: Settings, photos: list[Photo]) -> None
             f"  warning: fewer than {SCARCE} photos for {', '.join(scarce)}: train needs at "
             "least k_folds (default 3) per class; widen the boxes or grades, or lower k_folds"
         )
-    _say("  per species in the CSV:")
-    for name in sorted(per_species):
-        role = "target" if name in settings.targets else (
-            "look-alike" if name in settings.lookalikes else OTHER
-        )  # fmt: skip
+    _say(f"  per species ({len(per_species):,}):")
+    for name in sorted(n for n in per_species if settings.group_of(n) != OTHER):
+        role = "target" if name in settings.targets else "look-alike"
         _say(f"    {name:<32} {per_species[name]:>7}  ({role})")
+    others = largest_others(per_species, settings)
+    for name, count in others[:LISTED_SPECIES]:
+        _say(f"    {name:<32} {count:>7}  ({OTHER})")
+    if len(others) > LISTED_SPECIES:
+        rest = others[LISTED_SPECIES:]
+        _say(
+            f"    ... and {len(rest):,} more {OTHER} species ({sum(c for _, c in rest):,} "
+            f"photos): {PLAN_NAME} counts every species under per_species"
+        )
 
 
 def _print_copies(

@@ -28,6 +28,7 @@ _log = logging.getLogger("collect_inaturalist")
 LAYOUT_DOCS = "https://github.com/inaturalist/inaturalist-open-data/tree/main/Metadata"
 TAXA, OBSERVATIONS = "taxa.csv.gz", "observations.csv.gz"
 PHOTOS, OBSERVERS = "photos.csv.gz", "observers.csv.gz"
+FILES = (TAXA, OBSERVATIONS, PHOTOS, OBSERVERS)
 PROGRESS_SECONDS = 15.0
 # Drops in a row, without a byte read in between, before a scan gives up.
 RESUME_ATTEMPTS = 5
@@ -41,24 +42,26 @@ class ResumableObject(io.RawIOBase):
     fails clearly instead of splicing two snapshots together.
     """
 
-    def __init__(self, client, bucket: str, key: str) -> None:
+    def __init__(self, client, bucket: str, key: str, etag: str = "") -> None:
         super().__init__()
         self.client, self.bucket, self.key = client, bucket, key
         self.position = 0
-        self.etag = ""
+        self.etag = etag  # known beforehand when a scan reads one snapshot throughout
         self.body = self._request()
 
     def _request(self):
         params = {"Bucket": self.bucket, "Key": self.key}
+        if self.etag:
+            params["IfMatch"] = self.etag
         if self.position:
-            params.update(Range=f"bytes={self.position}-", IfMatch=self.etag)
+            params["Range"] = f"bytes={self.position}-"
         try:
             response = self.client.get_object(**params)
         except ClientError as error:
             if error_code(error) in ("PreconditionFailed", "412"):
                 raise CollectError(
-                    f"s3://{self.bucket}/{self.key} was replaced (a new snapshot) while it was "
-                    "being read: run again to scan the new one"
+                    f"s3://{self.bucket}/{self.key} was replaced (a new snapshot) since this "
+                    "scan started: run again to scan the new one"
                 ) from None
             raise
         self.etag = self.etag or response["ETag"]
@@ -99,31 +102,56 @@ class MetadataSource:
 
     def __init__(self, client, bucket: str, folder: str | None) -> None:
         self.client, self.bucket, self.folder = client, bucket, folder
+        self.versions: dict[str, str] = {}
 
     def describe(self, name: str) -> str:
         return str(Path(self.folder) / name) if self.folder else f"s3://{self.bucket}/{name}"
 
+    def snapshot(self) -> dict[str, str]:
+        """Which version of each file a scan reads: the ETag in S3 (every later GET asks for
+        that one), the size and modification time of a local file."""
+        self.versions = {name: self._version(name) for name in FILES}
+        return self.versions
+
+    def _version(self, name: str) -> str:
+        if self.folder:
+            try:
+                found = (Path(self.folder) / name).stat()
+            except OSError as error:
+                raise self._unreadable_file(name, error) from None
+            return f"{found.st_size}:{found.st_mtime_ns}"
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=name)["ETag"]
+        except ClientError as error:
+            raise self._unreadable_object(name, error) from None
+
+    def _unreadable_file(self, name: str, error: OSError) -> CollectError:
+        path = Path(self.folder or "") / name
+        return CollectError(
+            f"cannot read {path}: {error.strerror or error}; download it with "
+            f"aws s3 cp --no-sign-request s3://{SOURCE_BUCKET}/{name} {path}"
+        )
+
+    def _unreadable_object(self, name: str, error: ClientError) -> CollectError:
+        return CollectError(
+            f"cannot read {self.describe(name)}: {aws_message(error)}; check the bucket "
+            f"name and the layout at {LAYOUT_DOCS}"
+        )
+
     @contextmanager
     def _open(self, name: str) -> Iterator[IO[bytes]]:
         if self.folder:
-            path = Path(self.folder) / name
             try:
-                handle = path.open("rb")
+                handle = (Path(self.folder) / name).open("rb")
             except OSError as error:
-                raise CollectError(
-                    f"cannot read {path}: {error.strerror or error}; download it with "
-                    f"aws s3 cp --no-sign-request s3://{SOURCE_BUCKET}/{name} {path}"
-                ) from None
+                raise self._unreadable_file(name, error) from None
             with handle:
                 yield handle
             return
         try:
-            stream = ResumableObject(self.client, self.bucket, name)
+            stream = ResumableObject(self.client, self.bucket, name, self.versions.get(name, ""))
         except ClientError as error:
-            raise CollectError(
-                f"cannot read {self.describe(name)}: {aws_message(error)}; check the bucket "
-                f"name and the layout at {LAYOUT_DOCS}"
-            ) from None
+            raise self._unreadable_object(name, error) from None
         with stream:
             # Large reads: gzip asks for 128 KiB at a time, and so does each resumed GET.
             yield io.BufferedReader(stream, buffer_size=1 << 20)

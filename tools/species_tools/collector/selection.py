@@ -1,6 +1,7 @@
 """Which photos make the training channel, and how many were left out for which reason.
 
-Five streamed passes over the metadata:
+Five streamed passes over the metadata, each saved once finished (scan_progress), so that an
+interrupted scan resumes after the last one:
 1. taxa: the targets and look-alikes (active taxa of rank species, by name) and every taxon
    below one, which is labelled with its species;
 2. observations: those of a kept quality grade inside `species_box` (targets, look-alikes)
@@ -24,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 from species_tools.collector import CollectError
 from species_tools.collector.metadata import (
@@ -34,13 +35,17 @@ from species_tools.collector.metadata import (
     TAXA,
     MetadataSource,
 )
-from species_tools.collector.settings import Settings
+from species_tools.collector.scan_progress import ScanProgress
+from species_tools.collector.settings import OTHER, Settings
 
 _log = logging.getLogger("collect_inaturalist")
 
 IMAGES_DIR = "images"
 SPECIES = "species"
 SPECIES_RANK_LEVEL = 10.0
+PASSES = ("taxa", "observations", "taxa again", "photos", "observers")
+# `other` species named in a summary; the plan counts every one.
+LISTED_SPECIES = 20
 
 
 @dataclass(frozen=True)
@@ -80,28 +85,118 @@ class Taxonomy:
     inactive: set[int]
 
 
-def select_photos(settings: Settings, metadata: MetadataSource) -> Selection:
-    dropped: Counter = Counter()
-    taxonomy = _taxonomy(settings, metadata)
-    labels, other_taxa = _observations(settings, metadata, taxonomy, dropped)
-    names = _species_names(metadata, set(other_taxa.values()), taxonomy)
-    for uuid, taxon_id in other_taxa.items():
-        if taxon_id in names:
-            labels[uuid] = names[taxon_id]
-        else:
-            dropped["observations not identified to a species"] += 1
-    _log.info(
-        "observations selected: %s",
-        ", ".join(f"{name} {count}" for name, count in sorted(Counter(labels.values()).items())),
-    )
-    candidates, shared = _scan_photos(metadata, labels)
-    photos = _without_shared(candidates, shared, dropped)
-    photos = _allowed_licences(photos, settings.licenses, dropped)
-    photos = _first_per_observation(photos, settings.photos_per_observation, dropped)
-    photos = _attributed(metadata, photos, dropped)
-    photos = _seeded_cap(photos, settings, dropped)
+def select_photos(
+    settings: Settings, metadata: MetadataSource, progress: ScanProgress
+) -> Selection:
+    """The five passes, each skipped when an interrupted scan under the same settings and
+    snapshot finished it (`progress`), then the cap."""
+    saved = progress.load()
+    scan = Scan.from_json(saved) if saved else Scan()
+    if scan.passes:
+        _log.info(
+            "resuming the interrupted scan after pass %d of %d (%s), saved in %s",
+            scan.passes, len(PASSES), PASSES[scan.passes - 1], progress.path,
+        )  # fmt: skip
+    steps = (_find_taxa, _find_observations, _name_other_species, _find_photos)
+    for number, step in enumerate(steps, start=1):
+        if scan.passes < number:
+            step(scan, settings, metadata)
+            scan.passes = number
+            progress.save(scan.to_json())
+    photos = _attributed(metadata, scan.photos, scan.dropped)
+    photos = _seeded_cap(photos, settings, scan.dropped)
     photos.sort(key=lambda p: (p.species_name, p.photo_id))
-    return Selection(photos, +dropped)
+    return Selection(photos, +scan.dropped)
+
+
+@dataclass
+class Scan:
+    """What the finished passes found (the first `passes` of PASSES), holding only what the
+    passes still to come need: what an interrupted scan resumes from."""
+
+    passes: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    taxonomy: Taxonomy | None = None
+    labels: dict[str, str] = field(default_factory=dict)  # observation -> species name
+    other_taxa: dict[str, int] = field(default_factory=dict)  # observation -> taxon to name
+    photos: list[Photo] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        taxonomy = self.taxonomy and {
+            "chosen": self.taxonomy.chosen,
+            "below_species": self.taxonomy.below_species,
+            "inactive": sorted(self.taxonomy.inactive),
+        }
+        return {
+            "passes": self.passes,
+            "dropped": dict(self.dropped),
+            "taxonomy": taxonomy,
+            "labels": self.labels,
+            "other_taxa": self.other_taxa,
+            "photos": [asdict(p) for p in self.photos],
+        }
+
+    @classmethod
+    def from_json(cls, saved: dict) -> Scan:
+        taxonomy = saved["taxonomy"] and Taxonomy(
+            {int(k): v for k, v in saved["taxonomy"]["chosen"].items()},
+            {int(k): v for k, v in saved["taxonomy"]["below_species"].items()},
+            set(saved["taxonomy"]["inactive"]),
+        )
+        photos = [Photo(**row) for row in saved["photos"]]
+        return cls(
+            saved["passes"], Counter(saved["dropped"]), taxonomy, saved["labels"],
+            saved["other_taxa"], photos,
+        )  # fmt: skip
+
+
+def _find_taxa(scan: Scan, settings: Settings, metadata: MetadataSource) -> None:
+    scan.taxonomy = _taxonomy(settings, metadata)
+
+
+def _find_observations(scan: Scan, settings: Settings, metadata: MetadataSource) -> None:
+    scan.labels, scan.other_taxa = _observations(settings, metadata, scan.taxonomy, scan.dropped)
+
+
+def _name_other_species(scan: Scan, settings: Settings, metadata: MetadataSource) -> None:
+    names = _species_names(metadata, set(scan.other_taxa.values()), scan.taxonomy)
+    for uuid, taxon_id in scan.other_taxa.items():
+        if taxon_id in names:
+            scan.labels[uuid] = names[taxon_id]
+        else:
+            scan.dropped["observations not identified to a species"] += 1
+    scan.taxonomy, scan.other_taxa = None, {}  # the passes to come need neither: not saved
+    _log.info("observations selected: %s", observation_summary(scan.labels, settings))
+
+
+def _find_photos(scan: Scan, settings: Settings, metadata: MetadataSource) -> None:
+    candidates, shared = _scan_photos(metadata, scan.labels)
+    photos = _without_shared(candidates, shared, scan.dropped)
+    photos = _allowed_licences(photos, settings.licenses, scan.dropped)
+    scan.photos = _first_per_observation(photos, settings.photos_per_observation, scan.dropped)
+    scan.labels = {}  # the photos carry their labels now
+
+
+def largest_others(per_species: Counter, settings: Settings) -> list[tuple[str, int]]:
+    """The `other` species with the most photos or observations first, then by name: a wide
+    box holds thousands of species, of which a summary names the first `LISTED_SPECIES`."""
+    others = [(n, c) for n, c in per_species.items() if settings.group_of(n) == OTHER]
+    return sorted(others, key=lambda item: (-item[1], item[0]))
+
+
+def observation_summary(labels: dict[str, str], settings: Settings) -> str:
+    """One short line however wide the boxes: every target and look-alike, the largest
+    `other` species, and how many more."""
+    per_species = Counter(labels.values())
+    chosen = ", ".join(f"{n} {per_species[n]:,}" for n in settings.targets + settings.lookalikes)
+    others = largest_others(per_species, settings)
+    listed = ", ".join(f"{n} {c:,}" for n, c in others[:LISTED_SPECIES])
+    more = len(others) - LISTED_SPECIES
+    return (
+        f"{len(labels):,}; {chosen}; {len(others):,} other species"
+        + (f", the largest {listed}" if others else "")
+        + (f" and {more:,} more" if more > 0 else "")
+    )
 
 
 def _taxonomy(settings: Settings, metadata: MetadataSource) -> Taxonomy:

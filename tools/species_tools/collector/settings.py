@@ -164,6 +164,21 @@ def _read_config(path: Path) -> dict[str, object]:
         raise SettingsError(
             f"config {path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(KNOWN)}"
         )
+    caps = data.get("caps", {})
+    if not isinstance(caps, dict):
+        raise SettingsError(
+            f"config {path}: caps = {caps!r} is not a table of NAME = N, "
+            'e.g. caps = { other = 3000, "Acer saccharum" = 300 }'
+        )
+    # In TOML every line after a `[caps]` header belongs to that table, so a setting added
+    # at the end of such a file would become a cap named like the setting.
+    misplaced = sorted(set(caps) & set(KNOWN))
+    if misplaced:
+        raise SettingsError(
+            f"config {path}: {', '.join(misplaced)} is inside the [caps] table (every line "
+            "after [caps] belongs to it): move it above [caps], or write the caps on one line, "
+            'caps = { other = 3000, "Acer saccharum" = 300 }'
+        )
     return data
 
 
