@@ -11,17 +11,14 @@ the cores from the ones that have it, and a 15 s training run took 480 s.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from local_servers import free_port
 from species_classifier.demo_data import DEMO_TARGETS, make_demo_dataset
 
 # Before any test module imports torch: OpenMP reads the policy once, when it starts. Nothing
@@ -145,28 +142,6 @@ def same_weights(a: dict, b: dict) -> bool:
     )
 
 
-@contextlib.contextmanager
-def moto_server(region: str = "us-east-1") -> Iterator[dict[str, str]]:
-    """A local AWS (moto: S3, IAM, SageMaker, CloudWatch Logs, ECR ...) while the block runs.
-
-    Yields the environment that points boto3 at it, with test credentials.
-    """
-    from moto.server import ThreadedMotoServer  # slow to import: only for the tests that use it
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield {
-            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": region,
-        }
-    finally:
-        server.stop()
-
-
 @pytest.fixture
 def job(tmp_path: Path):
     """Factory: job(hyperparameters=..., photos_per_species=...) -> base folder."""
@@ -175,6 +150,23 @@ def job(tmp_path: Path):
         return make_job(tmp_path / "opt_ml", hyperparameters, **kwargs)
 
     return factory
+
+
+@pytest.fixture(scope="module")
+def aws(tmp_path_factory):
+    """A local AWS for one launcher test module (launcher_helpers.local_aws)."""
+    from launcher_helpers import local_aws  # moto is slow to import: only where it is used
+
+    with local_aws(tmp_path_factory.mktemp("home")) as local:
+        yield local
+
+
+@pytest.fixture
+def run(aws, capsys):
+    """run(*argv, environ=, wire=, clock=) -> (exit code, stdout, stderr): the launcher in process."""
+    from launcher_helpers import runner
+
+    return runner(capsys)
 
 
 _SUMMARY = pytest.StashKey[list]()
