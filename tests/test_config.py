@@ -3,7 +3,11 @@
 import json
 
 import pytest
-from species_classifier.config import ConfigError, TrainingConfig, parse_hyperparameters
+from species_classifier.contract.hyperparameters import (
+    ConfigError,
+    TrainingConfig,
+    parse_hyperparameters,
+)
 
 
 def decoded(raw: dict[str, str]) -> dict:

@@ -13,7 +13,7 @@ from serving_helpers import CLASSES, make_bundle, photo
 from sklearn.metrics import f1_score
 from species_classifier import holdout
 from species_classifier.artifacts import read_description
-from species_classifier.config import ConfigError, parse_hyperparameters
+from species_classifier.contract.hyperparameters import ConfigError, parse_hyperparameters
 from species_classifier.dataset import DatasetError, LabelledPhotos
 from species_classifier.imaging import decode_photo
 from species_classifier.predictor import Predictor

@@ -27,7 +27,7 @@ from launcher_helpers import (
     train_args,
     uploaded_prefix,
 )
-from species_classifier.metric_lines import METRIC_DEFINITIONS
+from species_classifier.contract.metric_lines import METRIC_DEFINITIONS
 
 
 def test_train_uploads_local_data_and_creates_the_job(run, aws, tmp_path):

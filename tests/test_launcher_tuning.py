@@ -21,7 +21,7 @@ from launcher_helpers import (
     serving,
     train_args,
 )
-from species_classifier.metric_lines import METRIC_DEFINITIONS
+from species_classifier.contract.metric_lines import METRIC_DEFINITIONS
 
 RANGES = ("--range", "learning_rate=1e-5:1e-3:log", "--range", "batch_size=32,64,128",
           "--range", "epoch_patience=3:8", "--range", "downsample_frac=0.3:0.9")  # fmt: skip

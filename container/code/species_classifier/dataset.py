@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
-from species_classifier.channel import REQUIRED_COLUMNS, DatasetError
+from species_classifier.contract.channel import REQUIRED_COLUMNS, DatasetError
 
 _log = logging.getLogger(__name__)
 

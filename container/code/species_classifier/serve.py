@@ -28,7 +28,7 @@ from gunicorn.app.base import BaseApplication
 
 from species_classifier.app import create_app
 from species_classifier.artifacts import BundleError, load_members, read_description
-from species_classifier.paths import BASE_DIR_ENV, DEFAULT_BASE_DIR, JobPaths
+from species_classifier.contract.paths import BASE_DIR_ENV, DEFAULT_BASE_DIR, JobPaths
 from species_classifier.predictor import (
     Batcher,
     Predictor,

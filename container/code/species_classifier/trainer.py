@@ -30,7 +30,7 @@ from sklearn.metrics import f1_score
 from torch import nn
 
 from species_classifier.augment import augment, resize_whole
-from species_classifier.config import TrainingConfig
+from species_classifier.contract.hyperparameters import TrainingConfig
 from species_classifier.imaging import normalize
 from species_classifier.model import base_learning_rate, parameter_groups, reset_head
 from species_classifier.state import EpochRecord, FoldState

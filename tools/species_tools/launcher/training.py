@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from botocore.exceptions import ClientError
-from species_classifier.metric_lines import METRIC_DEFINITIONS
+from species_classifier.contract.metric_lines import METRIC_DEFINITIONS
 
 from species_tools.aws import SettingsError, error_code, is_not_found, split_s3_uri
 from species_tools.launcher import limits
