@@ -1,24 +1,18 @@
 """Hyperparameters as SageMaker delivers them: strings, JSON-quoted strings, decoded values."""
 
+import dataclasses
 import json
+import typing
 
 import pytest
 from species_classifier.contract.hyperparameters import (
     ConfigError,
     TrainingConfig,
+    as_sagemaker_delivers,
+    check_names,
+    convert,
     parse_hyperparameters,
 )
-
-
-def decoded(raw: dict[str, str]) -> dict:
-    """What the sagemaker-training toolkit hands over: json.loads where it parses."""
-    out = {}
-    for key, value in raw.items():
-        try:
-            out[key] = json.loads(value)
-        except ValueError:
-            out[key] = value
-    return out
 
 
 def test_defaults_are_the_seeds():
@@ -44,7 +38,7 @@ def test_plain_and_sdk_quoted_strings_parse_alike():
         "pretrained": "False",
     }
     quoted = {key: json.dumps(value) for key, value in plain.items()}
-    for raw in (plain, decoded(plain), decoded(quoted)):
+    for raw in (plain, as_sagemaker_delivers(plain), as_sagemaker_delivers(quoted)):
         config = parse_hyperparameters(raw)
         assert config.target_species == ("A b", "C d")
         assert config.k_folds == 5 and config.learning_rate == 0.001
@@ -83,3 +77,60 @@ def test_unknown_and_sagemaker_keys_are_ignored():
 def test_bad_values_name_what_is_allowed(raw, message):
     with pytest.raises(ConfigError, match=message):
         parse_hyperparameters(raw)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("12", 12), (12, 12), ("", None), (None, None), (" 3 ", 3)]
+)
+def test_an_optional_whole_number_parses_as_a_number(value, expected):
+    # No field is `int | None` today: the parser dispatches on the real type, so a new one
+    # gets a number, not the string "12".
+    assert convert("max_photos", int | None, value) == expected
+
+
+@pytest.mark.parametrize(
+    ("annotation", "value", "message"),
+    [
+        (int | None, "twelve", "max_photos='twelve' is not a number"),
+        (int | None, "1.5", "not a whole number"),
+        (float | None, "inf", "not a finite number"),
+        (bool | None, "maybe", "use true or false"),
+    ],
+)
+def test_an_optional_field_refuses_what_its_type_refuses(annotation, value, message):
+    with pytest.raises(ConfigError, match=message):
+        convert("max_photos", annotation, value)
+
+
+def test_every_field_has_a_parser():
+    for field in dataclasses.fields(TrainingConfig):
+        if field.name != "target_species":
+            convert(field.name, typing.get_type_hints(TrainingConfig)[field.name], field.default)
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        ("lerning_rate", "unknown hyperparameter 'lerning_rate': did you mean learning_rate?"),
+        ("k-fold", "unknown hyperparameter 'k-fold': did you mean k_folds?"),
+        ("colour", "unknown hyperparameter 'colour': known: target_species, csv_file, img_size"),
+    ],
+)
+def test_the_launcher_refuses_unknown_names_with_the_near_miss(key, message):
+    with pytest.raises(ConfigError) as error:
+        check_names(["target_species", key])
+    assert str(error.value).startswith(message)
+
+
+def test_names_sagemaker_and_its_sdk_add_are_allowed():
+    check_names(["k-folds", "sagemaker_program", "sagemaker_region", "_tuning_objective_metric"])
+
+
+def test_values_reach_the_parser_as_sagemaker_delivers_them():
+    raw = {"k_folds": "5", "pretrained": "false", "target_species": "A b", "x": '"q"'}
+    assert as_sagemaker_delivers(raw) == {
+        "k_folds": 5,
+        "pretrained": False,
+        "target_species": "A b",
+        "x": "q",
+    }

@@ -28,9 +28,10 @@ from photos import (
 )
 from serving_helpers import CLASSES, ServerProcess, b64, make_bundle, photo, run_serve
 from species_classifier.app import discard
+from species_classifier.contract.serving import ServerConfigError
 from species_classifier.imaging import PhotoError
 from species_classifier.predictor import Batcher
-from species_classifier.serve import ServerConfig, ServerConfigError
+from species_classifier.serve import ServerConfig
 
 MB = 1024 * 1024
 
