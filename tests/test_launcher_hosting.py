@@ -141,8 +141,13 @@ def test_deploy_onto_a_failed_endpoint_deletes_it_then_creates_it(run, aws):
         (("--tag", "aws:team=x"), "tag key 'aws:team': the aws: prefix is reserved"),
         (("--startup-timeout", "59"), "--startup-timeout must be between 60 and 3600, got 59"),
         (("--download-timeout", "4000"), "--download-timeout must be between 60 and 3600"),
+        # What the server would refuse at start-up, after the instance was provisioned.
+        (("--env", "SPECIES_SERVE_COMPILE=yes"), "--env SPECIES_SERVE_COMPILE='yes' is not valid: set it to one of 0, 1, or unset it for 0"),
+        (("--env", "SPECIES_SERVE_ENGINE=fast"), "--env SPECIES_SERVE_ENGINE='fast' is not valid: set it to one of auto, eager, graph"),
+        (("--env", "SAGEMAKER_MODEL_SERVER_WORKERS=0"), "--env SAGEMAKER_MODEL_SERVER_WORKERS='0' is not valid: set it to a positive whole number, or unset it for one per GPU"),
+        (("--env", "SAGEMAKER_MAX_PAYLOAD_IN_MB=200"), "--env SAGEMAKER_MAX_PAYLOAD_IN_MB='200' is not valid: set it to 1 to 100"),
     ],
-)
+)  # fmt: skip
 def test_deploy_limits_are_checked_before_any_call(run, extra, message):
     wire = Wire()
     code, _, err = run(*deploy_args("sc-limits", "v1", *extra), wire=wire)

@@ -54,6 +54,7 @@ def test_training_limits_are_checked_before_any_upload(run, tmp_path, extra, mes
         (["--max-payload-mb", "101"], "--max-payload-mb must be between 0 and 100, got 101"),
         (["--max-payload-mb", "30", "--max-concurrent", "4"], "--max-concurrent 4 x --max-payload-mb 30 = 120"),
         (["--invocations-timeout", "3601"], "--invocations-timeout must be between 1 and 3600"),
+        (["--env", "SPECIES_SERVE_DTYPE=fp8"], "--env SPECIES_SERVE_DTYPE='fp8' is not valid: set it to one of auto, float32, bfloat16, float16"),
     ],
 )  # fmt: skip
 def test_transform_limits_are_checked_before_any_call(run, extra, message):

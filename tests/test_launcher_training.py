@@ -9,6 +9,7 @@ import json
 import re
 import time
 
+import pytest
 from botocore.awsrequest import AWSResponse
 from launcher_helpers import (
     BUCKET,
@@ -91,6 +92,52 @@ def test_train_uploads_local_data_and_creates_the_job(run, aws, tmp_path):
     assert f"uploaded 1 files to s3://{BUCKET}/{prefix} (3 already there)" in out
     body = aws.s3.get_object(Bucket=BUCKET, Key=prefix + "images/b.jpg")["Body"].read()
     assert body == b"\xff\xd8 photo b"
+
+
+@pytest.mark.parametrize(
+    ("hyperparameter", "message"),
+    [
+        ("k_folds=500", "hyperparameter k_folds=500 is out of range: allowed 1 to 20"),
+        ("lerning_rate=0.01", "unknown hyperparameter 'lerning_rate': did you mean learning_rate?"),
+        ("precision=fp8", "hyperparameter precision='fp8' is not one of auto, bf16, fp16, fp32"),
+        ("pretrained=maybe", "hyperparameter pretrained='maybe' is not a boolean: use true or false"),
+        ("num_epochs=ten", "hyperparameter num_epochs='ten' is not a number"),
+    ],
+)  # fmt: skip
+def test_what_the_image_would_refuse_is_refused_before_any_upload(
+    run, aws, tmp_path, hyperparameter, message
+):
+    data = make_channel(tmp_path / "training")
+    stored = keys_under(aws.s3, "")
+    wire = Wire()
+
+    code, _, err = run(
+        *train_args("sc-contract", "--hyperparameter", hyperparameter, data=data), wire=wire
+    )
+
+    assert code == 2
+    assert err.strip().splitlines() == [f"error: {message}"]
+    assert wire.operations() == []  # no upload, no call of any kind
+    assert keys_under(aws.s3, "") == stored
+    assert (
+        aws.sagemaker.list_training_jobs(NameContains="sc-contract")["TrainingJobSummaries"] == []
+    )
+
+
+def test_keys_sagemaker_and_its_sdk_add_stay_allowed(run, aws):
+    sdk_keys = {
+        "sagemaker_program": "train",
+        "sagemaker_container_log_level": "20",
+        "_tuning_objective_metric": "cv:mean_macro_f1",
+    }
+    pairs = [
+        arg for key, value in sdk_keys.items() for arg in ("--hyperparameter", f"{key}={value}")
+    ]
+    code, _, err = run(*train_args("sc-sdk-keys", *pairs, "--hyperparameter", "k-folds=5"))
+
+    assert code == 0, err
+    sent = aws.sagemaker.describe_training_job(TrainingJobName="sc-sdk-keys")["HyperParameters"]
+    assert sent == {"target_species": TARGETS, "k-folds": "5", **sdk_keys}
 
 
 def test_warm_pool_retries_and_resume_reach_the_request(run, aws):

@@ -169,9 +169,16 @@ batch_size = [32, 64]
         (("--range", "learning_rate=1e-3:1e-5"), "LOW must be below HIGH"),
         (("--range", "learning_rate=0:1e-3:log"), "a log scale needs LOW above 0"),
         (("--range", "learning_rate=1e-5:1e-3:ln"), "SCALE one of auto, linear, log, reverse-log"),
-        (("--range", "lr=1e-5:1e-3", "--strategy", "Grid"), "--strategy Grid searches choices only"),
-        (("--range", "lr=1:2", "--max-jobs", "2", "--max-parallel", "3"), "--max-parallel must be between 1 and 2"),
-        (("--range", "lr=1:2", "--tuning-job-name", "t" * 33), "at most 32 characters"),
+        (("--range", "learning_rate=1e-5:1e-3", "--strategy", "Grid"), "--strategy Grid searches choices only"),
+        (("--range", "seed=1:2", "--max-jobs", "2", "--max-parallel", "3"), "--max-parallel must be between 1 and 2"),
+        (("--range", "seed=1:2", "--tuning-job-name", "t" * 33), "at most 32 characters"),
+        # Names and bounds the image would refuse or ignore: N identical or failing paid trials.
+        (("--range", "lerning_rate=1e-5:1e-3:log"), "--range lerning_rate=1e-5:1e-3:log: unknown hyperparameter 'lerning_rate': did you mean learning_rate?"),
+        (("--range", "k_folds=2:500"), "--range k_folds=2:500: k_folds=500 is out of range: allowed 1 to 20"),
+        (("--range", "batch_size=1:64"), "--range batch_size=1:64: batch_size=1 is out of range: allowed 2 to 4096"),
+        (("--range", "k_folds=2.5:5"), "--range k_folds=2.5:5: k_folds takes whole numbers; give LOW and HIGH as integers"),
+        (("--range", "pretrained=0:1"), "--range pretrained=0:1: pretrained is not a number; give its choices as A,B"),
+        (("--range", "precision=bf16,fp8"), "--range precision=bf16,fp8: precision='fp8' is not one of auto, bf16, fp16, fp32"),
     ],
 )  # fmt: skip
 def test_tuning_settings_are_checked_before_any_call(run, extra, message):
