@@ -32,8 +32,8 @@ import pytest
 from botocore import UNSIGNED
 from botocore.config import Config
 from botocore.exceptions import EndpointConnectionError
-from conftest import run_train, write_hyperparameters
 from inaturalist_bucket import OpenData, S3Front, observer_login, observer_name, public_read
+from job_helpers import run_train, write_hyperparameters
 from local_servers import moto_server
 from species_tools.aws import SettingsError
 from species_tools.collector import CollectError, cli

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import run_train
+from job_helpers import run_train
 from serving_helpers import CLASSES, make_bundle, photo
 from sklearn.metrics import f1_score
 from species_classifier import holdout

@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from conftest import failure_text, run_train, write_hyperparameters
+from job_helpers import failure_text, run_train, write_hyperparameters
 from photos import cmyk_jpeg, exif_rotated_jpeg, greyscale_jpeg, sixteen_bit_png, truncated_jpeg
 from species_classifier.artifacts import load_members, read_description
 from species_classifier.contract import metric_lines
