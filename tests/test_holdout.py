@@ -111,6 +111,7 @@ def test_the_score_is_what_the_served_bundle_answers(tmp_path):
     assert 0 <= result.metrics["ece"] <= 1
 
 
+@pytest.mark.slow
 def test_a_job_with_a_holdout_scores_it_once_and_reports_it(job):
     base = job(
         {"holdout_fraction": "0.25", "k_folds": "2", "num_epochs": "1", "img_size": "32"},
