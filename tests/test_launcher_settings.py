@@ -5,6 +5,9 @@ Against a local AWS: see launcher_helpers for how and for the gaps of moto it br
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 from launcher_helpers import (
     BUCKET,
@@ -18,6 +21,7 @@ from launcher_helpers import (
     make_channel,
 )
 from moto.core import DEFAULT_ACCOUNT_ID
+from species_tools.launcher import settings
 
 
 @pytest.mark.parametrize(
@@ -100,3 +104,18 @@ pretrained = false
     code, _, err = run("status", "sc-precedence", environ=environ)
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and "unknown setting 'instance_typ'" in err
+
+
+def test_settings_import_no_other_launcher_module():
+    # settings is the bottom layer: session and every command import it, never the reverse,
+    # not even for a type annotation (that circle once held JobFailed and Command).
+    tree = ast.parse(Path(settings.__file__).read_text())
+    imported = {
+        node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+    } | {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
+    assert not {name for name in imported if name.startswith("species_tools.launcher")}

@@ -51,7 +51,7 @@ from species_classifier.distributed import Workers, join_process_group, launch, 
 from species_classifier.evaluation import summarize, write_outputs, write_skipped
 from species_classifier.model import WeightsMissingError, build_model
 from species_classifier.state import EpochRecord, FoldState
-from species_classifier.trainer import FoldData, FoldTrainer, TrainingStopped, format_duration
+from species_classifier.trainer import FoldData, FoldTrainer, TrainingStopped, format_clock
 
 _log = logging.getLogger("species_classifier.train")
 
@@ -188,7 +188,7 @@ def run(paths: JobPaths, config: TrainingConfig, workers: Workers) -> None:
     publish(paths, config, job_photos, folds, finished, refit, settings)
     _log.info(
         "done in %s: model in %s, report in %s",
-        format_duration(time.perf_counter() - job_started),
+        format_clock(time.perf_counter() - job_started),
         paths.model_dir,
         paths.output_data_dir / "report.md",
     )
@@ -453,8 +453,8 @@ class Progress:
             state.best_macro_f1,
             state.best_epoch,
             record.seconds,
-            format_duration(fold_left),
-            format_duration(job_left),
+            format_clock(fold_left),
+            format_clock(job_left),
         )
 
 

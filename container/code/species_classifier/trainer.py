@@ -341,7 +341,10 @@ def _cpu_copy(state_dict: dict) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
 
 
-def format_duration(seconds: float) -> str:
+def format_clock(seconds: float) -> str:
+    """A time span as a clock shows it, m:ss or h:mm:ss, for the progress lines; ? if unknown.
+
+    Not the launcher's format_duration, which echoes a setting as it is typed (90m, 6h)."""
     if not math.isfinite(seconds):
         return "?"
     minutes, secs = divmod(int(round(seconds)), 60)

@@ -23,11 +23,9 @@ from species_classifier.contract.serving import (
 
 from species_tools.aws import SettingsError, is_not_found, split_s3_uri
 from species_tools.launcher import limits, scaling
-from species_tools.launcher.session import Context, poll_until
+from species_tools.launcher.session import Command, Context, JobFailed, poll_until
 from species_tools.launcher.settings import (
     PROG,
-    Command,
-    JobFailed,
     SettingsParser,
     add_pairs,
     as_prefix,

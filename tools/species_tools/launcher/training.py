@@ -23,13 +23,11 @@ from species_classifier.contract.paths import DEFAULT_CHECKPOINT_DIR, TRAINING_C
 
 from species_tools.aws import SettingsError, error_code, is_not_found, split_s3_uri
 from species_tools.launcher import limits
-from species_tools.launcher.session import Context, poll_until
+from species_tools.launcher.session import Command, Context, JobFailed, poll_until
 from species_tools.launcher.settings import (
     DEFAULT_CONFIG,
     DEFAULT_PREFIX,
     PROG,
-    Command,
-    JobFailed,
     SettingsParser,
     add_pairs,
     as_prefix,

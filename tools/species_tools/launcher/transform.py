@@ -19,12 +19,10 @@ from species_tools.launcher.hosting import (
     model_source,
 )
 from species_tools.launcher.invoke import PHOTO_CONTENT_TYPES
-from species_tools.launcher.session import Context, poll_until
+from species_tools.launcher.session import Command, Context, JobFailed, poll_until
 from species_tools.launcher.settings import (
     DEFAULT_PREFIX,
     PROG,
-    Command,
-    JobFailed,
     SettingsParser,
     add_wait_timeout,
     as_prefix,

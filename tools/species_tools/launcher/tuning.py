@@ -21,12 +21,10 @@ from species_classifier.contract.metric_lines import OBJECTIVE_METRIC
 
 from species_tools.aws import SettingsError
 from species_tools.launcher import limits
-from species_tools.launcher.session import Context, poll_until
+from species_tools.launcher.session import Command, Context, JobFailed, poll_until
 from species_tools.launcher.settings import (
     DEFAULT_PREFIX,
     PROG,
-    Command,
-    JobFailed,
     SettingsParser,
     check_name,
     format_duration,
