@@ -14,6 +14,8 @@ from species_classifier.contract.hyperparameters import (
     parse_hyperparameters,
 )
 
+FIELD_NAMES = [field.name for field in dataclasses.fields(TrainingConfig)]
+
 
 def test_defaults_are_the_seeds():
     config = parse_hyperparameters({"target_species": "A b,C d"})
@@ -46,16 +48,24 @@ def test_plain_and_sdk_quoted_strings_parse_alike():
         assert config.pretrained is False
 
 
-def test_unknown_and_sagemaker_keys_are_ignored():
+def test_unknown_and_sagemaker_keys_are_ignored(caplog):
     config = parse_hyperparameters(
         {
             "target_species": "A",
             "_tuning_objective_metric": "validation:macro_f1",
             "sagemaker_region": "us-east-1",
             "made_up": "1",
+            "lerning_rate": "0.01",
         }
     )
-    assert config.target_species == ("A",)
+    assert config.target_species == ("A",) and config.learning_rate == 1e-4
+    # The image trains on (the SageMaker SDK may pass keys of its own), but says what it
+    # ignored, with the near miss; SageMaker's own keys are not worth a warning.
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        "ignoring unknown hyperparameter 'made_up': known: " + ", ".join(FIELD_NAMES),
+        "ignoring unknown hyperparameter 'lerning_rate': did you mean learning_rate?",
+    ]
 
 
 @pytest.mark.parametrize(
