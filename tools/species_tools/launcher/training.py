@@ -133,7 +133,8 @@ def add_job_arguments(train: SettingsParser) -> None:
         train,
         "--hyperparameter",
         "hyperparameters",
-        "repeatable; sent as strings (target_species is required)",
+        "repeatable; sent as strings (target_species is required), checked first with the "
+        "image's own parser",
     )
     add_pairs(train, "--env", "env", "repeatable container environment variable")
     add_pairs(train, "--tag", "tags", "repeatable tag (project=species-classifier is always added)")
