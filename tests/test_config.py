@@ -8,11 +8,10 @@ import pytest
 from species_classifier.contract.hyperparameters import (
     ConfigError,
     TrainingConfig,
-    as_sagemaker_delivers,
-    check_names,
     convert,
     parse_hyperparameters,
 )
+from species_classifier.contract.preflight import as_sagemaker_delivers
 
 FIELD_NAMES = [field.name for field in dataclasses.fields(TrainingConfig)]
 
@@ -116,31 +115,3 @@ def test_every_field_has_a_parser():
     for field in dataclasses.fields(TrainingConfig):
         if field.name != "target_species":
             convert(field.name, typing.get_type_hints(TrainingConfig)[field.name], field.default)
-
-
-@pytest.mark.parametrize(
-    ("key", "message"),
-    [
-        ("lerning_rate", "unknown hyperparameter 'lerning_rate': did you mean learning_rate?"),
-        ("k-fold", "unknown hyperparameter 'k-fold': did you mean k_folds?"),
-        ("colour", "unknown hyperparameter 'colour': known: target_species, csv_file, img_size"),
-    ],
-)
-def test_the_launcher_refuses_unknown_names_with_the_near_miss(key, message):
-    with pytest.raises(ConfigError) as error:
-        check_names(["target_species", key])
-    assert str(error.value).startswith(message)
-
-
-def test_names_sagemaker_and_its_sdk_add_are_allowed():
-    check_names(["k-folds", "sagemaker_program", "sagemaker_region", "_tuning_objective_metric"])
-
-
-def test_values_reach_the_parser_as_sagemaker_delivers_them():
-    raw = {"k_folds": "5", "pretrained": "false", "target_species": "A b", "x": '"q"'}
-    assert as_sagemaker_delivers(raw) == {
-        "k_folds": 5,
-        "pretrained": False,
-        "target_species": "A b",
-        "x": "q",
-    }

@@ -29,6 +29,7 @@ MODULES = [
     "species_classifier.contract.hyperparameters",
     "species_classifier.contract.metric_lines",
     "species_classifier.contract.paths",
+    "species_classifier.contract.preflight",
     "species_classifier.contract.serving",
     "species_tools.launcher.cli",
     "species_tools.collector.cli",

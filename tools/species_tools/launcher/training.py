@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from botocore.exceptions import ClientError
-from species_classifier.contract import hyperparameters as image_hyperparameters
+from species_classifier.contract import preflight
 from species_classifier.contract.metric_lines import METRIC_DEFINITIONS
 from species_classifier.contract.paths import DEFAULT_CHECKPOINT_DIR, TRAINING_CHANNEL
 
@@ -204,11 +204,8 @@ def check_with_the_images_rules(hyperparameters: Mapping[str, str]) -> None:
     """Names and values as the image's own parser reads them: what the job would refuse or
     silently ignore on a billed instance is refused here, before any upload."""
     try:
-        image_hyperparameters.check_names(hyperparameters)
-        image_hyperparameters.parse_hyperparameters(
-            image_hyperparameters.as_sagemaker_delivers(hyperparameters)
-        )
-    except image_hyperparameters.ConfigError as error:
+        preflight.check_hyperparameters(hyperparameters)
+    except preflight.ConfigError as error:
         message = str(error)
         raise SettingsError(
             message if message.startswith("unknown") else f"hyperparameter {message}"

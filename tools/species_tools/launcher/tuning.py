@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from species_classifier.contract import hyperparameters as image_hyperparameters
+from species_classifier.contract import preflight
 from species_classifier.contract.metric_lines import OBJECTIVE_METRIC
 
 from species_tools.aws import SettingsError
@@ -144,10 +145,8 @@ def parameter_range(name: str, spec: str) -> tuple[str, dict[str, Any]]:
 def check_range_value(name: str, spec: str, value: str) -> None:
     """A value SageMaker may hand a trial, read as the image reads it."""
     try:
-        image_hyperparameters.parse_value(
-            name, image_hyperparameters.as_sagemaker_delivers({name: value})[name]
-        )
-    except image_hyperparameters.ConfigError as error:
+        preflight.check_value(name, value)
+    except preflight.ConfigError as error:
         raise SettingsError(f"--range {name}={spec}: {error}") from None
 
 

@@ -4,6 +4,7 @@ apply, so what the image would refuse on a paid instance the launcher refuses on
 - `paths`: where SageMaker puts things under /opt/ml, the channel name, the checkpoint folder;
 - `channel`: which CSV of the training channel is the index, and the columns it needs;
 - `hyperparameters`: the schema of a job's hyperparameters and their one parser;
+- `preflight`: that parser as the launcher runs it, stricter: unknown names refused;
 - `metric_lines`: the metric log lines, the regexes that scrape them, the tuning objective;
 - `serving`: every environment variable `serve` reads, and its parser.
 

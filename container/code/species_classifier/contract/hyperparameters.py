@@ -1,25 +1,22 @@
-"""Hyperparameters: their schema (TrainingConfig) and the one parser the image and the launcher share.
+"""Hyperparameters: parsed once at the edge into a frozen, typed, validated TrainingConfig.
 
 SageMaker hands every hyperparameter over as a string, and the SageMaker Python SDK
 JSON-quotes them as well (`"\\"a,b\\""`). The values reach `parse_hyperparameters` already
 JSON-decoded where possible (`"20"` -> 20, `"true"` -> True, `"\\"x\\""` -> "x"), so each
 field accepts both the decoded value and its plain-string form. Keys may use `-` or `_`.
-Keys SageMaker and its SDK add (`_tuning_objective_metric`, `sagemaker_*`) are ignored; the
-image logs any other unknown key and trains on, and the launcher refuses it before it uploads
-anything (`check_names`, with "did you mean" for a near miss). Values are converted by their
-field's real type (`typing.get_type_hints`), so an `int | None` field parses as a number.
+Unknown keys (`_tuning_objective_metric`, `sagemaker_*`) are logged and ignored; the launcher
+refuses the user's own unknown keys before it uploads anything (contract/preflight.py).
+Values are converted by their field's real type, so an `int | None` field parses as a number.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import logging
 import math
 import types
 import typing
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 from species_classifier.contract.channel import OTHER
@@ -76,21 +73,17 @@ _RANGES = {
     "holdout_fraction": (0.0, 0.5),
 }
 _CHOICES = {"precision": PRECISIONS, "cache_device": CACHE_DEVICES, "final_model": FINAL_MODELS}
-# What SageMaker and its SDK add to a job's hyperparameters themselves (sagemaker_program,
-# _tuning_objective_metric, ...): never the user's, never refused.
-SAGEMAKER_PREFIXES = ("sagemaker_", "_")
+_IGNORED_PREFIXES = ("sagemaker_", "_")
 
 
-def parse_hyperparameters(raw: Mapping[str, object]) -> TrainingConfig:
+def parse_hyperparameters(raw: dict[str, object]) -> TrainingConfig:
     """Validate the hyperparameters of a job; raise ConfigError naming the allowed values."""
     values: dict[str, object] = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
         if name not in _TYPES:
-            if name.startswith(SAGEMAKER_PREFIXES):
-                _log.debug("ignoring SageMaker's hyperparameter %r", key)
-            else:
-                _log.warning("ignoring %s", unknown_name(key))
+            level = logging.DEBUG if name.startswith(_IGNORED_PREFIXES) else logging.WARNING
+            _log.log(level, "ignoring %s", unknown_name(key))
             continue
         values[name] = convert(name, _TYPES[name], value)
     if not values.get("target_species"):
@@ -101,22 +94,11 @@ def parse_hyperparameters(raw: Mapping[str, object]) -> TrainingConfig:
     return TrainingConfig(**values)
 
 
-def as_sagemaker_delivers(strings: Mapping[str, str]) -> dict[str, object]:
-    """The values as the image receives them: JSON-decoded where they parse, as the
-    sagemaker-training toolkit does (`"20"` -> 20, `"true"` -> True), else the string."""
-    decoded: dict[str, object] = {}
-    for key, text in strings.items():
-        try:
-            decoded[key] = json.loads(text)
-        except ValueError:
-            decoded[key] = text
-    return decoded
-
-
 def is_known(key: str) -> bool:
-    """A field of TrainingConfig, or a key SageMaker and its SDK add themselves."""
+    """A field of TrainingConfig, or a key SageMaker and its SDK add themselves
+    (`sagemaker_program`, `_tuning_objective_metric`, ...), which are never the user's."""
     name = key.replace("-", "_")
-    return name in _TYPES or name.startswith(SAGEMAKER_PREFIXES)
+    return name in _TYPES or name.startswith(_IGNORED_PREFIXES)
 
 
 def unknown_name(key: str) -> str:
@@ -126,16 +108,8 @@ def unknown_name(key: str) -> str:
     return f"unknown hyperparameter {key!r}: {hint}"
 
 
-def check_names(keys: typing.Iterable[str]) -> None:
-    """Refuse the first key the image would ignore (SageMaker's own keys are allowed)."""
-    for key in keys:
-        if not is_known(key):
-            raise ConfigError(unknown_name(key))
-
-
 def parse_value(key: str, value: object) -> object:
-    """One hyperparameter's value as the image reads it, or ConfigError: what a tuning range's
-    bounds and choices are checked with. `key` must be known (`is_known`)."""
+    """One known hyperparameter's value as the image reads it, or ConfigError."""
     name = key.replace("-", "_")
     return convert(name, _TYPES[name], value)
 
