@@ -32,7 +32,7 @@ from machine import describe, publish  # noqa: E402
 from sklearn.metrics import f1_score  # noqa: E402
 from species_classifier.augment import crop_boxes  # noqa: E402
 from species_classifier.cache import HEIGHT, ROWS, WIDTH, build_cache  # noqa: E402
-from species_classifier.config import TrainingConfig  # noqa: E402
+from species_classifier.contract.hyperparameters import TrainingConfig  # noqa: E402
 from species_classifier.dataset import label_photos, make_folds, read_rows  # noqa: E402
 from species_classifier.demo_data import (  # noqa: E402
     DEMO_TARGETS,

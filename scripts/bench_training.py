@@ -40,7 +40,7 @@ import torch  # noqa: E402
 from machine import describe, publish  # noqa: E402
 from PIL import Image  # noqa: E402
 from species_classifier.cache import PhotoCache, build_cache  # noqa: E402
-from species_classifier.config import TrainingConfig  # noqa: E402
+from species_classifier.contract.hyperparameters import TrainingConfig  # noqa: E402
 from species_classifier.demo_data import DEMO_TARGETS, make_demo_dataset  # noqa: E402
 from species_classifier.imaging import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from species_classifier.model import build_model, parameter_groups  # noqa: E402

@@ -25,8 +25,8 @@ from collector_helpers import (
     run_cli,
     write_config,
 )
-from conftest import run_train, write_hyperparameters
 from inaturalist_bucket import OpenData
+from job_helpers import run_train, write_hyperparameters
 from species_tools.collector import cli
 
 

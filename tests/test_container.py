@@ -27,8 +27,7 @@ from pathlib import Path
 import boto3
 import pytest
 import requests
-from conftest import moto_server
-from local_servers import free_port, wait_for_200
+from local_servers import free_port, moto_server, wait_for_200
 from species_classifier.demo_data import DEMO_TARGETS, make_demo_dataset
 from species_classifier.model import PRETRAINED_WEIGHTS
 

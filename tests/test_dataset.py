@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from species_classifier.channel import find_csv
+from species_classifier.contract.channel import find_csv
 from species_classifier.dataset import (
     DatasetError,
     check_class_sizes,

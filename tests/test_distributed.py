@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import (
+from job_helpers import (
     assert_same_results,
     comparable_metrics,
     copy_job,

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import (
+from job_helpers import (
     assert_same_results,
     copy_job,
     failure_text,

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import requests
 import torch
-from conftest import (
+from job_helpers import (
     TRAIN,
     assert_same_results,
     comparable_metrics,

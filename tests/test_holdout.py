@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import run_train
+from job_helpers import run_train
 from serving_helpers import CLASSES, make_bundle, photo
 from sklearn.metrics import f1_score
 from species_classifier import holdout
 from species_classifier.artifacts import read_description
-from species_classifier.config import ConfigError, parse_hyperparameters
+from species_classifier.contract.hyperparameters import ConfigError, parse_hyperparameters
 from species_classifier.dataset import DatasetError, LabelledPhotos
 from species_classifier.imaging import decode_photo
 from species_classifier.predictor import Predictor
@@ -111,6 +111,7 @@ def test_the_score_is_what_the_served_bundle_answers(tmp_path):
     assert 0 <= result.metrics["ece"] <= 1
 
 
+@pytest.mark.slow
 def test_a_job_with_a_holdout_scores_it_once_and_reports_it(job):
     base = job(
         {"holdout_fraction": "0.25", "k_folds": "2", "num_epochs": "1", "img_size": "32"},

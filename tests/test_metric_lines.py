@@ -3,7 +3,7 @@
 import math
 
 import pytest
-from species_classifier import metric_lines
+from species_classifier.contract import metric_lines
 
 
 def test_every_epoch_metric_is_scraped_back():

@@ -182,11 +182,3 @@ def test_the_temperature_in_model_json_divides_each_members_logits(tmp_path, pix
     assert answer["confidence"] == pytest.approx(mean.max() / mean.sum(), abs=1e-6)
     # Softening spreads the probability: the calibrated top class is less confident.
     assert answer["confidence"] < plain.predict(images[:1])[0]["confidence"]
-
-
-def test_a_bundle_written_before_temperatures_reads_as_one(tmp_path):
-    model_dir = make_bundle(tmp_path / "model", img_size=IMG_SIZE, members=1)
-    document = json.loads((model_dir / "model.json").read_text())
-    del document["temperature"]
-    (model_dir / "model.json").write_text(json.dumps(document))
-    assert read_description(model_dir).temperature == 1.0

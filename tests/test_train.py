@@ -6,8 +6,8 @@ import logging
 import re
 
 import pytest
-from species_classifier.config import ConfigError
-from species_classifier.paths import JobPaths
+from species_classifier.contract.hyperparameters import ConfigError
+from species_classifier.contract.paths import JobPaths
 from species_classifier.state import EpochRecord, FoldState
 from species_classifier.train import Progress, read_config
 

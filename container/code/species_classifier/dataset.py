@@ -26,11 +26,10 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
-from species_classifier.channel import REQUIRED_COLUMNS, DatasetError
+from species_classifier.contract.channel import OTHER, REQUIRED_COLUMNS, DatasetError
 
 _log = logging.getLogger(__name__)
 
-OTHER = "other"
 HOLDOUT_FRACTION = 0.3
 
 

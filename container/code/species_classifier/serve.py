@@ -1,4 +1,5 @@
-"""`serve`: the SageMaker serving entry point, gunicorn configured from SAGEMAKER_* variables.
+"""`serve`: the SageMaker serving entry point, gunicorn configured from SAGEMAKER_* variables
+(parsed by the contract, `contract/serving.py`, which the launcher checks `--env` with).
 
 The master process reads the environment and loads the model bundle once on the CPU
 before forking, so a missing or broken bundle stops the server at once with one clear
@@ -28,7 +29,7 @@ from gunicorn.app.base import BaseApplication
 
 from species_classifier.app import create_app
 from species_classifier.artifacts import BundleError, load_members, read_description
-from species_classifier.paths import BASE_DIR_ENV, DEFAULT_BASE_DIR, JobPaths
+from species_classifier.contract.serving import ServerConfigError, ServingEnvironment
 from species_classifier.predictor import (
     Batcher,
     Predictor,
@@ -39,30 +40,13 @@ from species_classifier.predictor import (
 
 _log = logging.getLogger("species_classifier.serve")
 
-PORT_ENV = "SAGEMAKER_BIND_TO_PORT"
-WORKERS_ENV = "SAGEMAKER_MODEL_SERVER_WORKERS"
-TIMEOUT_ENV = "SAGEMAKER_MODEL_SERVER_TIMEOUT"
-PAYLOAD_ENV = "SAGEMAKER_MAX_PAYLOAD_IN_MB"
-MAX_BATCH_ENV = "MODEL_SERVER_MAX_BATCH"
-DTYPE_ENV = "SPECIES_SERVE_DTYPE"
-ENGINE_ENV = "SPECIES_SERVE_ENGINE"
-COMPILE_ENV = "SPECIES_SERVE_COMPILE"
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ENGINES = ("auto", "eager", "graph")
-
-DEFAULT_PORT = 8080
-DEFAULT_TIMEOUT_S = 60
-DEFAULT_PAYLOAD_MB = 6
 # SageMaker sends SIGKILL 30 s after SIGTERM; leave a margin for the workers to exit.
 GRACEFUL_TIMEOUT_S = 25
 # Batch transform refuses MaxConcurrentTransforms x MaxPayloadInMB above 100.
 TRANSFORM_PAYLOAD_BUDGET_MB = 100
 EXIT_CONFIG_ERROR = 1
-
-
-class ServerConfigError(ValueError):
-    """An environment variable or the model folder that the server cannot start with."""
 
 
 @dataclass(frozen=True)
@@ -79,18 +63,20 @@ class ServerConfig:
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] = os.environ) -> ServerConfig:
+        """The contract's parse of the environment, with this machine's defaults filled in."""
+        parsed = ServingEnvironment.parse(environ)
         gpus = torch.cuda.device_count()
         device = torch.device("cuda" if gpus else "cpu")
         return cls(
-            model_dir=JobPaths(Path(environ.get(BASE_DIR_ENV, DEFAULT_BASE_DIR))).model_dir,
-            port=_positive_int(environ, PORT_ENV, DEFAULT_PORT, upper=65535),
-            workers=_positive_int(environ, WORKERS_ENV, max(gpus, 1)),
-            timeout_s=_positive_int(environ, TIMEOUT_ENV, DEFAULT_TIMEOUT_S),
-            max_payload_mb=_positive_int(environ, PAYLOAD_ENV, DEFAULT_PAYLOAD_MB, upper=100),
-            max_batch=_positive_int(environ, MAX_BATCH_ENV, default_max_batch(device)),
-            dtype=DTYPES.get(_choice(environ, DTYPE_ENV, ("auto", *DTYPES))),
-            engine=_choice(environ, ENGINE_ENV, ENGINES),
-            compile_model=_choice(environ, COMPILE_ENV, ("0", "1")) == "1",
+            model_dir=parsed.model_dir,
+            port=parsed.port,
+            workers=parsed.workers or max(gpus, 1),
+            timeout_s=parsed.timeout_s,
+            max_payload_mb=parsed.max_payload_mb,
+            max_batch=parsed.max_batch or default_max_batch(device),
+            dtype=TORCH_DTYPES.get(parsed.dtype),
+            engine=parsed.engine,
+            compile_model=parsed.compile_model,
         )
 
     @property
@@ -104,37 +90,6 @@ class ServerConfig:
             1,
             min(self.workers * self.max_batch, TRANSFORM_PAYLOAD_BUDGET_MB // self.max_payload_mb),
         )
-
-
-def _positive_int(
-    environ: Mapping[str, str], name: str, default: int, upper: int | None = None
-) -> int:
-    raw = environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 1 or (upper is not None and value > upper):
-        limit = f"1 to {upper}" if upper else "a positive whole number"
-        raise ServerConfigError(
-            f"{name}={raw!r} is not valid: set it to {limit}, or unset it for {default}"
-        )
-    return value
-
-
-def _choice(environ: Mapping[str, str], name: str, allowed: tuple[str, ...]) -> str:
-    """The variable's value, one of `allowed`; unset or empty is the first."""
-    raw = environ.get(name, "").strip()
-    if not raw:
-        return allowed[0]
-    if raw.lower() not in allowed:
-        raise ServerConfigError(
-            f"{name}={raw!r} is not valid: set it to one of {', '.join(allowed)}, or unset it "
-            f"for {allowed[0]}"
-        )
-    return raw.lower()
 
 
 def check_bundle(model_dir: Path) -> None:

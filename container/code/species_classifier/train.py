@@ -27,12 +27,18 @@ import torch
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-from species_classifier import holdout, metric_lines
+from species_classifier import holdout
 from species_classifier.artifacts import BundleDescription, Member, write_bundle
 from species_classifier.cache import build_cache
-from species_classifier.channel import find_csv
 from species_classifier.checkpoint import CheckpointStore
-from species_classifier.config import ConfigError, TrainingConfig, parse_hyperparameters
+from species_classifier.contract import metric_lines
+from species_classifier.contract.channel import find_csv
+from species_classifier.contract.hyperparameters import (
+    ConfigError,
+    TrainingConfig,
+    parse_hyperparameters,
+)
+from species_classifier.contract.paths import BASE_DIR_ENV, JobPaths
 from species_classifier.dataset import (
     DatasetError,
     LabelledPhotos,
@@ -44,9 +50,8 @@ from species_classifier.dataset import (
 from species_classifier.distributed import Workers, join_process_group, launch, read_topology
 from species_classifier.evaluation import summarize, write_outputs, write_skipped
 from species_classifier.model import WeightsMissingError, build_model
-from species_classifier.paths import BASE_DIR_ENV, JobPaths
 from species_classifier.state import EpochRecord, FoldState
-from species_classifier.trainer import FoldData, FoldTrainer, TrainingStopped, format_duration
+from species_classifier.trainer import FoldData, FoldTrainer, TrainingStopped, format_clock
 
 _log = logging.getLogger("species_classifier.train")
 
@@ -183,7 +188,7 @@ def run(paths: JobPaths, config: TrainingConfig, workers: Workers) -> None:
     publish(paths, config, job_photos, folds, finished, refit, settings)
     _log.info(
         "done in %s: model in %s, report in %s",
-        format_duration(time.perf_counter() - job_started),
+        format_clock(time.perf_counter() - job_started),
         paths.model_dir,
         paths.output_data_dir / "report.md",
     )
@@ -448,8 +453,8 @@ class Progress:
             state.best_macro_f1,
             state.best_epoch,
             record.seconds,
-            format_duration(fold_left),
-            format_duration(job_left),
+            format_clock(fold_left),
+            format_clock(job_left),
         )
 
 

@@ -30,7 +30,7 @@ from sklearn.metrics import f1_score
 from torch import nn
 
 from species_classifier.augment import augment, resize_whole
-from species_classifier.config import TrainingConfig
+from species_classifier.contract.hyperparameters import TrainingConfig
 from species_classifier.imaging import normalize
 from species_classifier.model import base_learning_rate, parameter_groups, reset_head
 from species_classifier.state import EpochRecord, FoldState
@@ -341,7 +341,10 @@ def _cpu_copy(state_dict: dict) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
 
 
-def format_duration(seconds: float) -> str:
+def format_clock(seconds: float) -> str:
+    """A time span as a clock shows it, m:ss or h:mm:ss, for the progress lines; ? if unknown.
+
+    Not the launcher's format_duration, which echoes a setting as it is typed (90m, 6h)."""
     if not math.isfinite(seconds):
         return "?"
     minutes, secs = divmod(int(round(seconds)), 60)

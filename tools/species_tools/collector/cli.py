@@ -26,6 +26,8 @@ import boto3
 from botocore import UNSIGNED
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+from species_classifier.contract.channel import REQUIRED_COLUMNS
+from species_classifier.contract.hyperparameters import TrainingConfig
 
 from species_tools.aws import SettingsError, aws_message
 from species_tools.collector import CollectError
@@ -52,8 +54,7 @@ _log = logging.getLogger("collect_inaturalist")
 PLAN_NAME = "collect_inaturalist.plan.json"
 # Attribution sits next to the licence: every CC-BY licence asks to credit the photographer.
 CSV_COLUMNS = (
-    "species_name",
-    "image_name",
+    *REQUIRED_COLUMNS,
     "observation_uuid",
     "photo_id",
     "license",
@@ -62,7 +63,7 @@ CSV_COLUMNS = (
     "observer_id",
 )
 # train's default k_folds: a class with fewer photos than this fails a default training job.
-SCARCE = 3
+SCARCE = TrainingConfig.k_folds
 LISTED = 20
 
 

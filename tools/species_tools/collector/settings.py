@@ -13,11 +13,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from species_classifier.contract.channel import OTHER
+
 from species_tools.aws import SettingsError, load_toml
 
 SOURCE_BUCKET = "inaturalist-open-data"
 SOURCE_REGION = "us-east-1"
-OTHER = "other"
 PHOTO_SIZES = ("original", "large", "medium", "small", "thumb", "square")
 QUALITY_GRADES = ("research", "needs_id", "casual")
 EXAMPLE = "scripts/collect_inaturalist.example.toml"

@@ -3,7 +3,7 @@
 One module per stage of the path from a terminal to the SageMaker API:
 - `settings`: flags > environment > TOML config file, names, durations, one-line setting errors;
 - `limits`: every documented request limit, checked before anything is uploaded or created;
-- `session`: the boto3 clients of one run, and `poll_until`, the one way to wait for AWS;
+- `session`: the boto3 clients of one run, `Command`, `JobFailed`, and `poll_until`, the one way to wait for AWS;
 - `upload`: a local training channel to a content-addressed S3 prefix;
 - `training`: `train`, `status`, `logs`, `stop`, with the CloudWatch log tail;
 - `tuning`: `tune`, automatic model tuning whose trials `train` defines;

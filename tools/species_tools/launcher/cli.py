@@ -18,13 +18,11 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from species_tools.aws import SettingsError, aws_message
 from species_tools.launcher import hosting, invoke, training, transform, tuning
-from species_tools.launcher.session import Aws, Context, print_error
+from species_tools.launcher.session import Aws, Command, Context, JobFailed, print_error
 from species_tools.launcher.settings import (
     CONFIG_ENV,
     DEFAULT_CONFIG,
     PROG,
-    Command,
-    JobFailed,
     SettingsParser,
     add_common_arguments,
     check_config_keys,

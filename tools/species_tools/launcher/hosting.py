@@ -15,14 +15,17 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from botocore.exceptions import ClientError
+from species_classifier.contract.serving import (
+    COMPILE_ENV,
+    ServerConfigError,
+    ServingEnvironment,
+)
 
 from species_tools.aws import SettingsError, is_not_found, split_s3_uri
 from species_tools.launcher import limits, scaling
-from species_tools.launcher.session import Context, poll_until
+from species_tools.launcher.session import Command, Context, JobFailed, poll_until
 from species_tools.launcher.settings import (
     PROG,
-    Command,
-    JobFailed,
     SettingsParser,
     add_pairs,
     as_prefix,
@@ -43,7 +46,6 @@ MODEL_ENVIRONMENT_LENGTH = 1024
 DEFAULT_STARTUP_S = 600
 # Compiling the serving model (the image's SPECIES_SERVE_COMPILE) takes minutes per batch
 # shape before /ping answers: allow half an hour (SageMaker's maximum is 3600 s).
-COMPILE_ENV = "SPECIES_SERVE_COMPILE"
 COMPILE_STARTUP_S = 1800
 # Beyond the model download and start-up windows, instances take minutes to provision.
 PROVISIONING_S = 30 * 60
@@ -105,18 +107,28 @@ def model_source(args: argparse.Namespace, ctx: Context) -> str:
 
 
 def model_environment(args: argparse.Namespace) -> dict[str, str]:
+    """--env, within the API's limits and read by the server's own parser: a value `serve`
+    would refuse at start-up is refused here, before an instance is provisioned."""
     environment = dict(args.env or [])
     limits.check_environment(
         environment, "a model", MODEL_ENVIRONMENT_ENTRIES, MODEL_ENVIRONMENT_LENGTH
     )
+    try:
+        ServingEnvironment.parse(environment)
+    except ServerConfigError as error:
+        raise SettingsError(f"--env {error}") from None
     return environment
 
 
 def create_model(
-    args: argparse.Namespace, ctx: Context, name: str, model_data: str, tags: list[dict[str, str]]
+    args: argparse.Namespace,
+    ctx: Context,
+    name: str,
+    model_data: str,
+    tags: list[dict[str, str]],
+    environment: Mapping[str, str],
 ) -> None:
     container: dict[str, Any] = {"Image": args.image, "ModelDataUrl": model_data}
-    environment = model_environment(args)
     if environment:
         container["Environment"] = environment
     ctx.aws.sagemaker.create_model(
@@ -324,7 +336,8 @@ def add_deploy_arguments(deploy: SettingsParser) -> None:
 
 
 def compiles(environment: Mapping[str, str]) -> bool:
-    return environment.get(COMPILE_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+    """Whether the server will compile the model: its own reading of the variable."""
+    return ServingEnvironment.parse(environment).compile_model
 
 
 def startup_timeout(args: argparse.Namespace, environment: Mapping[str, str]) -> int:
@@ -465,7 +478,7 @@ def command_deploy(args: argparse.Namespace, ctx: Context) -> int:
 
     model = timestamped_name(endpoint)
     config = timestamped_name(f"{endpoint[:40]}-config")
-    create_model(args, ctx, model, model_data, tags)
+    create_model(args, ctx, model, model_data, tags, environment)
     variant = production_variant(args, model, startup_s)
     extra = {"AsyncInferenceConfig": async_config(args.async_output)} if args.async_output else {}
     ctx.aws.sagemaker.create_endpoint_config(

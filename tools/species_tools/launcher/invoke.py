@@ -26,9 +26,8 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from species_tools.aws import SettingsError, aws_message, error_code, is_not_found, split_s3_uri
-from species_tools.launcher.session import Context, poll_until
+from species_tools.launcher.session import Command, Context, poll_until
 from species_tools.launcher.settings import (
-    Command,
     SettingsParser,
     add_wait_timeout,
     join_s3,

@@ -1,4 +1,5 @@
-"""The boto3 clients of one run, the context every command runs in, and the one way to wait.
+"""The boto3 clients of one run, the commands and the context they run in, the one way to
+wait, and JobFailed, what a resource that ended badly or never settled raises.
 
 Every wait for AWS goes through `poll_until`, which gives up at a deadline and says what it
 waited for: nothing in the launcher polls forever.
@@ -6,6 +7,7 @@ waited for: nothing in the launcher polls forever.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from collections.abc import Callable
@@ -14,7 +16,7 @@ from typing import Any, TypeVar
 
 import botocore.config
 
-from species_tools.launcher.settings import JobFailed, format_duration
+from species_tools.launcher.settings import SettingsParser, format_duration
 
 T = TypeVar("T")
 
@@ -22,6 +24,20 @@ T = TypeVar("T")
 def print_error(text: str) -> None:
     """One line on stderr: errors and notes, kept out of the output a script may parse."""
     sys.stderr.write(text + "\n")
+
+
+class JobFailed(Exception):
+    """The SageMaker resource ended badly, or never settled; the message says what happened."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its help line, the arguments it registers, and what it runs."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[SettingsParser], None]
+    run: Callable[[argparse.Namespace, Context], int]
 
 
 @dataclass

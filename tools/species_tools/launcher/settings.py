@@ -16,16 +16,12 @@ from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from species_tools.aws import SettingsError, load_toml
-
-if TYPE_CHECKING:
-    from species_tools.launcher.session import Context
 
 PROG = "scripts/run_job.py"
 CONFIG_ENV = "SPECIES_CONFIG"
@@ -57,10 +53,6 @@ PAIR_SETTINGS = ("hyperparameters", "env", "tags", "ranges")
 NAME_PATTERN = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
 
 
-class JobFailed(Exception):
-    """The SageMaker resource ended badly, or never settled; the message says what happened."""
-
-
 class SettingsParser(argparse.ArgumentParser):
     """An ArgumentParser that knows the names of the settings it defines (for the config file)."""
 
@@ -74,16 +66,6 @@ class SettingsParser(argparse.ArgumentParser):
         if action.dest != "help":
             self.settings.add(action.dest)
         return action
-
-
-@dataclass(frozen=True)
-class Command:
-    """One subcommand: its help line, the arguments it registers, and what it runs."""
-
-    name: str
-    help: str
-    add_arguments: Callable[[SettingsParser], None]
-    run: Callable[[argparse.Namespace, Context], int]
 
 
 def add_common_arguments(parser: SettingsParser) -> None:

@@ -17,17 +17,17 @@ from pathlib import Path
 from typing import Any
 
 from botocore.exceptions import ClientError
-from species_classifier.metric_lines import METRIC_DEFINITIONS
+from species_classifier.contract import preflight
+from species_classifier.contract.metric_lines import METRIC_DEFINITIONS
+from species_classifier.contract.paths import DEFAULT_CHECKPOINT_DIR, TRAINING_CHANNEL
 
 from species_tools.aws import SettingsError, error_code, is_not_found, split_s3_uri
 from species_tools.launcher import limits
-from species_tools.launcher.session import Context, poll_until
+from species_tools.launcher.session import Command, Context, JobFailed, poll_until
 from species_tools.launcher.settings import (
     DEFAULT_CONFIG,
     DEFAULT_PREFIX,
     PROG,
-    Command,
-    JobFailed,
     SettingsParser,
     add_pairs,
     as_prefix,
@@ -46,8 +46,6 @@ from species_tools.launcher.upload import (
     upload_channel,
 )
 
-TRAINING_CHANNEL = "training"
-CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"
 TRAINING_LOG_GROUP = "/aws/sagemaker/TrainingJobs"
 JOB_TERMINAL = ("Completed", "Failed", "Stopped")
 MAX_RUNTIME_LIMIT_S = 28 * 24 * 3600
@@ -135,7 +133,8 @@ def add_job_arguments(train: SettingsParser) -> None:
         train,
         "--hyperparameter",
         "hyperparameters",
-        "repeatable; sent as strings (target_species is required)",
+        "repeatable; sent as strings (target_species is required), checked first with the "
+        "image's own parser",
     )
     add_pairs(train, "--env", "env", "repeatable container environment variable")
     add_pairs(train, "--tag", "tags", "repeatable tag (project=species-classifier is always added)")
@@ -197,7 +196,20 @@ def checked_hyperparameters(args: argparse.Namespace) -> dict[str, str]:
             f"[{args.command}.hyperparameters] in {DEFAULT_CONFIG}"
         )
     limits.check_hyperparameters(hyperparameters)
+    check_with_the_images_rules(hyperparameters)
     return hyperparameters
+
+
+def check_with_the_images_rules(hyperparameters: Mapping[str, str]) -> None:
+    """Names and values as the image's own parser reads them: what the job would refuse or
+    silently ignore on a billed instance is refused here, before any upload."""
+    try:
+        preflight.check_hyperparameters(hyperparameters)
+    except preflight.ConfigError as error:
+        message = str(error)
+        raise SettingsError(
+            message if message.startswith("unknown") else f"hyperparameter {message}"
+        ) from None
 
 
 def checked_tags(args: argparse.Namespace) -> list[dict[str, str]]:
@@ -262,7 +274,7 @@ def training_job_request(args: argparse.Namespace, job: str, data_uri: str, outp
         # Always checkpoint: a spot restart resumes, and so does a retry of an on-demand job.
         "CheckpointConfig": {
             "S3Uri": args.checkpoint_s3 or join_s3(output, job, "checkpoints") + "/",
-            "LocalPath": CHECKPOINT_LOCAL_PATH,
+            "LocalPath": DEFAULT_CHECKPOINT_DIR,
         },
         "Tags": tags,
     }

@@ -12,14 +12,17 @@ from typing import Any
 
 from species_tools.aws import SettingsError, split_s3_uri
 from species_tools.launcher import limits
-from species_tools.launcher.hosting import add_model_arguments, create_model, model_source
+from species_tools.launcher.hosting import (
+    add_model_arguments,
+    create_model,
+    model_environment,
+    model_source,
+)
 from species_tools.launcher.invoke import PHOTO_CONTENT_TYPES
-from species_tools.launcher.session import Context, poll_until
+from species_tools.launcher.session import Command, Context, JobFailed, poll_until
 from species_tools.launcher.settings import (
     DEFAULT_PREFIX,
     PROG,
-    Command,
-    JobFailed,
     SettingsParser,
     add_wait_timeout,
     as_prefix,
@@ -140,11 +143,12 @@ def command_transform(args: argparse.Namespace, ctx: Context) -> int:
         output = f"s3://{args.bucket}/{args.prefix}/transform/{job}/"
     model = args.model or job
     request = transform_request(args, job, model, input_uri, output)
+    environment = {} if args.model else model_environment(args)
     check_photo_prefix(ctx.aws.s3, input_uri)
     if not args.model:
         model_data = model_source(args, ctx)
         require(args, "image", "role")
-        create_model(args, ctx, model, model_data, request["Tags"])
+        create_model(args, ctx, model, model_data, request["Tags"], environment)
     ctx.aws.sagemaker.create_transform_job(**request)
     ctx.out(
         f"transform job {job} created: {input_uri} -> {output} (one <photo>.out JSON per photo)"

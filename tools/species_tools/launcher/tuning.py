@@ -16,14 +16,16 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from species_classifier.contract import hyperparameters as image_hyperparameters
+from species_classifier.contract import preflight
+from species_classifier.contract.metric_lines import OBJECTIVE_METRIC
+
 from species_tools.aws import SettingsError
 from species_tools.launcher import limits
-from species_tools.launcher.session import Context, poll_until
+from species_tools.launcher.session import Command, Context, JobFailed, poll_until
 from species_tools.launcher.settings import (
     DEFAULT_PREFIX,
     PROG,
-    Command,
-    JobFailed,
     SettingsParser,
     check_name,
     format_duration,
@@ -41,7 +43,7 @@ from species_tools.launcher.training import (
 )
 from species_tools.launcher.upload import upload_channel
 
-OBJECTIVE = {"Type": "Maximize", "MetricName": "cv:mean_macro_f1"}
+OBJECTIVE = {"Type": "Maximize", "MetricName": OBJECTIVE_METRIC}
 STRATEGIES = ("Bayesian", "Random", "Grid")
 SCALES = {
     "auto": "Auto",
@@ -95,13 +97,18 @@ def add_tune_arguments(tune: SettingsParser) -> None:
 
 
 def parameter_range(name: str, spec: str) -> tuple[str, dict[str, Any]]:
-    """(kind of range, its request entry) from `LOW:HIGH[:SCALE]` or `A,B,C`."""
+    """(kind of range, its request entry) from `LOW:HIGH[:SCALE]` or `A,B,C`, every value one
+    the image accepts for that hyperparameter."""
+    if not image_hyperparameters.is_known(name):
+        raise SettingsError(f"--range {name}={spec}: {image_hyperparameters.unknown_name(name)}")
     if ":" not in spec:
         values = [value.strip() for value in spec.split(",") if value.strip()]
         if not 1 <= len(values) <= MAX_CATEGORICAL_VALUES:
             raise SettingsError(
                 f"--range {name}: 1 to {MAX_CATEGORICAL_VALUES} choices, got {len(values)}"
             )
+        for value in values:
+            check_range_value(name, spec, value)
         return "CategoricalParameterRanges", {"Name": name, "Values": values}
     low, high, *scale = (part.strip() for part in spec.split(":"))
     if len(scale) > 1 or (scale and scale[0] not in SCALES):
@@ -121,7 +128,26 @@ def parameter_range(name: str, spec: str) -> tuple[str, dict[str, Any]]:
             raise SettingsError(f"--range {name}={spec}: a log scale needs LOW above 0")
         entry["ScalingType"] = SCALES[scale[0]]
     integers = INTEGER.fullmatch(low) and INTEGER.fullmatch(high)
+    kind = image_hyperparameters.value_type(name)
+    if kind not in (int, float):
+        raise SettingsError(
+            f"--range {name}={spec}: {name} is not a number; give its choices as A,B"
+        )
+    if kind is int and not integers:
+        raise SettingsError(
+            f"--range {name}={spec}: {name} takes whole numbers; give LOW and HIGH as integers"
+        )
+    for bound in (low, high):
+        check_range_value(name, spec, bound)
     return ("IntegerParameterRanges" if integers else "ContinuousParameterRanges"), entry
+
+
+def check_range_value(name: str, spec: str, value: str) -> None:
+    """A value SageMaker may hand a trial, read as the image reads it."""
+    try:
+        preflight.check_value(name, value)
+    except preflight.ConfigError as error:
+        raise SettingsError(f"--range {name}={spec}: {error}") from None
 
 
 def parameter_ranges(args: argparse.Namespace, static: Mapping[str, str]) -> dict[str, list]:
@@ -248,7 +274,7 @@ def command_tune(args: argparse.Namespace, ctx: Context) -> int:
     ctx.out(
         f"tuning job {name} created: {args.strategy}, {args.max_jobs} trials, "
         f"{args.max_parallel} at a time, each {args.instance_count} x {args.instance_type} "
-        f"for at most {format_duration(args.max_runtime)}; objective cv:mean_macro_f1 (maximize)"
+        f"for at most {format_duration(args.max_runtime)}; objective {OBJECTIVE_METRIC} (maximize)"
     )
     if not args.wait:
         ctx.out(f"deploy its best trial once it is done: {PROG} deploy --tuning-job {name} ...")
@@ -260,12 +286,12 @@ def command_tune(args: argparse.Namespace, ctx: Context) -> int:
     if not best:
         raise JobFailed(
             f"tuning job {name} {status} without a best trial: "
-            f"{description.get('FailureReason') or 'no trial reported cv:mean_macro_f1'}"
+            f"{description.get('FailureReason') or 'no trial reported ' + OBJECTIVE_METRIC}"
         )
     value = best.get("FinalHyperParameterTuningJobObjectiveMetric", {}).get("Value")
     ctx.out(
         f"tuning job {name} {status}; best trial {best['TrainingJobName']}"
-        + (f" (cv:mean_macro_f1 {value:.4f})" if value is not None else "")
+        + (f" ({OBJECTIVE_METRIC} {value:.4f})" if value is not None else "")
     )
     ctx.out(f"deploy it: {PROG} deploy --tuning-job {name} --endpoint NAME --instance-type TYPE")
     return 0 if status == "Completed" else 1

@@ -3,7 +3,7 @@
 The default prefix is `data/<folder name>-<hash of the file list and sizes>/`, so two folders
 that share a name never share a prefix; a prefix that already holds objects the folder does not
 have is refused, because SageMaker would hand them to the job too (a second CSV, stale photos).
-The CSV rule is the container's own (`species_classifier.channel`).
+The CSV rule is the container's own (`species_classifier.contract.channel`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from species_classifier.channel import DatasetError, find_csv
+from species_classifier.contract.channel import DatasetError, find_csv
 
 from species_tools.aws import SettingsError, split_s3_uri
 

@@ -4,15 +4,22 @@ SageMaker hands every hyperparameter over as a string, and the SageMaker Python 
 JSON-quotes them as well (`"\\"a,b\\""`). The values reach `parse_hyperparameters` already
 JSON-decoded where possible (`"20"` -> 20, `"true"` -> True, `"\\"x\\""` -> "x"), so each
 field accepts both the decoded value and its plain-string form. Keys may use `-` or `_`.
-Unknown keys (`_tuning_objective_metric`, `sagemaker_*`) are logged and ignored.
+Unknown keys (`_tuning_objective_metric`, `sagemaker_*`) are logged and ignored; the launcher
+refuses the user's own unknown keys before it uploads anything (contract/preflight.py).
+Values are converted by their field's real type, so an `int | None` field parses as a number.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import math
+import types
+import typing
 from dataclasses import dataclass
+
+from species_classifier.contract.channel import OTHER
 
 _log = logging.getLogger(__name__)
 
@@ -71,49 +78,92 @@ _IGNORED_PREFIXES = ("sagemaker_", "_")
 
 def parse_hyperparameters(raw: dict[str, object]) -> TrainingConfig:
     """Validate the hyperparameters of a job; raise ConfigError naming the allowed values."""
-    fields = {f.name: f for f in dataclasses.fields(TrainingConfig)}
     values: dict[str, object] = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
-        if name not in fields:
+        if name not in _TYPES:
             level = logging.DEBUG if name.startswith(_IGNORED_PREFIXES) else logging.WARNING
-            _log.log(level, "ignoring unknown hyperparameter %r", key)
+            _log.log(level, "ignoring %s", unknown_name(key))
             continue
-        values[name] = _convert(name, fields[name].type, value)
+        values[name] = convert(name, _TYPES[name], value)
     if not values.get("target_species"):
         raise ConfigError(
             "hyperparameter target_species is required: the comma-separated species to "
             'tell apart, e.g. "Lycorma delicatula,Zenaida macroura"; all others become other'
         )
-    if values.get("csv_file") == "":
-        values["csv_file"] = None
     return TrainingConfig(**values)
 
 
-def _convert(name: str, kind: str, value: object) -> object:
+def is_known(key: str) -> bool:
+    """A field of TrainingConfig, or a key SageMaker and its SDK add themselves
+    (`sagemaker_program`, `_tuning_objective_metric`, ...), which are never the user's."""
+    name = key.replace("-", "_")
+    return name in _TYPES or name.startswith(_IGNORED_PREFIXES)
+
+
+def unknown_name(key: str) -> str:
+    """What to say about a hyperparameter the image does not know: the near miss, or the list."""
+    close = difflib.get_close_matches(key.replace("-", "_"), list(_TYPES), n=1, cutoff=0.75)
+    hint = f"did you mean {close[0]}?" if close else f"known: {', '.join(_TYPES)}"
+    return f"unknown hyperparameter {key!r}: {hint}"
+
+
+def parse_value(key: str, value: object) -> object:
+    """One known hyperparameter's value as the image reads it, or ConfigError."""
+    name = key.replace("-", "_")
+    return convert(name, _TYPES[name], value)
+
+
+def value_type(key: str) -> type:
+    """The type a known hyperparameter's value has once parsed: int, float, bool, str or tuple."""
+    kind, _ = _unwrap_optional(_TYPES[key.replace("-", "_")])
+    return typing.get_origin(kind) or kind
+
+
+def convert(name: str, annotation: object, value: object) -> object:
+    """`value` as the field `name` of type `annotation` holds it, or ConfigError.
+
+    Dispatches on the real type: X | None takes None or an empty string as None, bool comes
+    before int (True is an int to Python, never a number here), tuple[str, ...] is a
+    comma-separated list; numbers with a bound in _RANGES are checked against it.
+    """
+    kind, optional = _unwrap_optional(annotation)
+    if optional and (value is None or str(value).strip() == ""):
+        return None
     if name == "target_species":
         names = value if isinstance(value, list) else str(value).split(",")
         species = tuple(dict.fromkeys(str(n).strip() for n in names if str(n).strip()))
-        if "other" in species:
-            raise ConfigError("target_species must not contain 'other': that is the catch-all")
+        if OTHER in species:
+            raise ConfigError(f"target_species must not contain {OTHER!r}: that is the catch-all")
         return species
     if name in _CHOICES:
         text = str(value).strip().lower()
         if text not in _CHOICES[name]:
             raise ConfigError(f"{name}={value!r} is not one of {', '.join(_CHOICES[name])}")
         return text
-    if kind == "bool":
+    if kind is bool:
         return _to_bool(name, value)
-    if kind == "int":
+    if kind is int:
         number = _to_number(name, value, int)
-    elif kind == "float":
+    elif kind is float:
         number = _to_number(name, value, float)
+    elif kind is str:
+        return str(value).strip()
     else:
-        return None if value is None else str(value).strip()
-    low, high = _RANGES[name]
+        raise TypeError(f"TrainingConfig.{name}: no parser for {annotation}")
+    low, high = _RANGES.get(name, (-math.inf, math.inf))
     if not low <= number <= high:
         raise ConfigError(f"{name}={value!r} is out of range: allowed {low} to {high}")
     return number
+
+
+def _unwrap_optional(annotation: object) -> tuple[object, bool]:
+    """(X, True) for X | None, else (annotation, False)."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (types.UnionType, typing.Union) and type(None) in args:
+        [kind] = [arg for arg in args if arg is not type(None)]
+        return kind, True
+    return annotation, False
 
 
 def _to_bool(name: str, value: object) -> bool:
@@ -141,3 +191,7 @@ def _to_number(name: str, value: object, kind: type) -> int | float:
             raise ConfigError(f"{name}={value!r} is not a whole number")
         return int(number)
     return number
+
+
+# Field name -> its real type (the annotations are strings under `from __future__ import annotations`).
+_TYPES: dict[str, object] = typing.get_type_hints(TrainingConfig)

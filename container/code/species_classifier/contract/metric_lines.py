@@ -27,6 +27,9 @@ _JOB_METRICS = {
     "oof_macro_f1": "cv:oof_macro_f1",
 }
 
+# What a tuning job maximises: the mean over folds, printed once at the end of a job.
+OBJECTIVE_METRIC = _JOB_METRICS["mean_macro_f1"]
+
 METRIC_DEFINITIONS: list[dict[str, str]] = [
     {"Name": metric, "Regex": rf"\b{key}={_NUMBER}"}
     for key, metric in {**_EPOCH_METRICS, **_JOB_METRICS}.items()

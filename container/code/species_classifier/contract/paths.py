@@ -15,6 +15,9 @@ from pathlib import Path
 BASE_DIR_ENV = "SAGEMAKER_BASE_DIR"
 DEFAULT_BASE_DIR = "/opt/ml"
 TRAINING_CHANNEL = "training"
+# Where the image looks for resume state: the launcher sends it as CheckpointConfig.LocalPath.
+CHECKPOINT_DIR = "checkpoints"
+DEFAULT_CHECKPOINT_DIR = f"{DEFAULT_BASE_DIR}/{CHECKPOINT_DIR}"
 
 
 @dataclass(frozen=True)
@@ -61,4 +64,4 @@ class JobPaths:
             local_path = json.loads(config.read_text()).get("LocalPath")
             if local_path:
                 return Path(local_path)
-        return self.base / "checkpoints"
+        return self.base / CHECKPOINT_DIR

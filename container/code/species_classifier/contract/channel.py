@@ -1,5 +1,6 @@
-"""Which CSV of the training channel describes the photos: one rule for the container and the
-launcher, so a folder the launcher accepts is one the training job accepts.
+"""Which CSV of the training channel describes the photos, its columns and the catch-all class:
+one rule for the container, the launcher and the collector, so a folder the launcher accepts
+is one the training job accepts.
 
 Only the channel's top level is searched (a CSV among the photos is data, not the index), and
 this module imports nothing heavy: the launcher runs it on a laptop without torch or numpy.
@@ -10,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 REQUIRED_COLUMNS = ("species_name", "image_name")
+# The class of every species not in target_species.
+OTHER = "other"
 
 
 class DatasetError(ValueError):
