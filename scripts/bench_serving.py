@@ -185,12 +185,14 @@ def load(url: str, photos: list[bytes], total: int, concurrency: int) -> dict:
 
 
 def run_naive_server(port: int, model_dir: Path) -> None:
-    """The seed's handler: one request at a time, batch 1, fp32, members in turn."""
+    """The seed's handler: one request at a time, batch 1, fp32, members in turn, on the GPU
+    when there is one (as ours), so the ratio compares serving, not devices."""
     from PIL import Image
     from torchvision import transforms
 
     description = read_description(model_dir)
-    networks = load_members(model_dir, description)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    networks = [net.to(device) for net in load_members(model_dir, description)]
     preprocess = transforms.Compose(
         [
             transforms.Resize((description.img_size, description.img_size)),
@@ -208,9 +210,9 @@ def run_naive_server(port: int, model_dir: Path) -> None:
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers["Content-Length"]))
             image = Image.open(io.BytesIO(body)).convert("RGB")
-            batch = preprocess(image).unsqueeze(0)
+            batch = preprocess(image).unsqueeze(0).to(device)
             with torch.no_grad():
-                probs = [torch.softmax(net(batch), dim=1)[0] for net in networks]
+                probs = [torch.softmax(net(batch), dim=1)[0].cpu() for net in networks]
             mean = torch.stack(probs).mean(0)
             best = int(mean.argmax())
             answer = json.dumps(
