@@ -36,10 +36,12 @@ SCRIPTS = REPO / "scripts"
 WHEELS = REPO / ".whl"
 BUDGET_S = 8 * 60
 
-# What our code imports (train, serve, tests) that the GPU machines' image lacks, by
-# /work/.library/device/KINDS.md's package list: Flask and what it needs beyond click,
-# jinja2 and markupsafe; gunicorn; the SageMaker training toolkit and the boto3 that its
-# `environment` module imports. Werkzeug is there, but at a version of its own.
+# The GPU machine this check is for: Linux on x86-64, Python 3.12, a CUDA build of torch
+# and torchvision with numpy, Pillow, scikit-learn, matplotlib, requests and pytest, and no
+# package index. What our code imports (train, serve, tests) beyond that travels as wheels:
+# Flask and what it needs beyond click, jinja2 and markupsafe; gunicorn; the SageMaker
+# training toolkit and the boto3 that its `environment` module imports. Werkzeug travels
+# too, at our pin, whatever version the machine has.
 GPU_MACHINE_LACKS = (
     "flask",
     "werkzeug",
