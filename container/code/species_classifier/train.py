@@ -58,6 +58,10 @@ EXIT_STOPPED = 128 + signal.SIGTERM
 GPU_CACHE_SHARE = 0.5
 
 
+class GpuOutOfMemoryError(RuntimeError):
+    """Training or validation ran out of GPU memory; the message names the setting to lower."""
+
+
 def main() -> int:
     _configure_logging()
     paths = JobPaths.from_environment()
@@ -93,10 +97,6 @@ def main() -> int:
         reason = f"Unexpected error: {type(error).__name__}: {error}"
         return _fail(paths, reason, EXIT_FAILED, detail=traceback.format_exc())
     return 0
-
-
-class GpuOutOfMemoryError(RuntimeError):
-    """Training or validation ran out of GPU memory; the message names the setting to lower."""
 
 
 def worker_main(base: str) -> None:

@@ -2,7 +2,7 @@
 
 What makes it fast: photos are uint8 tensors already in memory (GPU memory when they
 fit, pinned host memory otherwise), each batch is augmented on the device in one warp,
-the model runs in bf16 (fp16 with a gradient scaler on GPUs without bf16, fp32 on CPU)
+the model runs in bf16 (fp16 with a gradient scaler on GPUs before Ampere, fp32 on CPU)
 and channels_last, the optimiser is fused, and losses stay on the device until the
 epoch ends so the GPU never waits for the host.
 
