@@ -115,6 +115,12 @@ def test_visible_gpus_are_the_numbered_device_nodes():
     assert gpu.count_gpu_devices(names) == 2
 
 
+@pytest.mark.parametrize(("setting", "expected"), [("", 0), ("-1", 0), ("1", 1), ("0,1,2", 2)])
+def test_cuda_visible_devices_hides_gpus_on_purpose(setting, expected):
+    """A CPU run on a GPU machine (CUDA_VISIBLE_DEVICES="") has no GPU to complain about."""
+    assert gpu.count_gpu_devices(["nvidia0", "nvidia1"], setting) == expected
+
+
 @pytest.mark.parametrize(
     ("driver", "enabled"),
     [

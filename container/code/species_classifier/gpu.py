@@ -82,9 +82,17 @@ def driver_from_proc(text: str) -> Version | None:
     return found.group(1) if found else None
 
 
-def count_gpu_devices(names: list[str]) -> int:
-    """GPUs the container runtime made visible: its /dev/nvidia0, /dev/nvidia1, ..."""
-    return sum(1 for name in names if re.fullmatch(r"nvidia\d+", name))
+def count_gpu_devices(names: list[str], cuda_visible_devices: str | None = None) -> int:
+    """GPUs this process may use: the container runtime's /dev/nvidia0, /dev/nvidia1, ...,
+    fewer where CUDA_VISIBLE_DEVICES names fewer, none where it hides them all ("" or -1: a
+    deliberate CPU run on a GPU machine, which is no problem to report)."""
+    nodes = sum(1 for name in names if re.fullmatch(r"nvidia\d+", name))
+    if cuda_visible_devices is None:
+        return nodes
+    entries = [entry.strip() for entry in cuda_visible_devices.split(",") if entry.strip()]
+    if not entries or entries[0].startswith("-"):
+        return 0
+    return min(nodes, len(entries))
 
 
 def compat_driver(names: list[str]) -> Version | None:
@@ -298,7 +306,7 @@ def transform_ami(instance_type: str) -> str | None:
 
 
 def visible_gpus() -> int:
-    return count_gpu_devices(_names(DEVICE_DIR))
+    return count_gpu_devices(_names(DEVICE_DIR), os.environ.get("CUDA_VISIBLE_DEVICES"))
 
 
 def probe_cuda(timeout_s: float = 120.0) -> CudaFacts:
