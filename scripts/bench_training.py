@@ -308,16 +308,22 @@ def main() -> None:
     backend = None if args.no_compile else args.compile_backend
 
     lines = [f"Machine: {describe()}"]
+
+    def measured(rows: list[str]) -> None:
+        """Every row on disk as soon as it is measured: a run killed at its time limit
+        keeps what it finished."""
+        publish([*lines, *rows], args.output, "Training throughput", __file__, echo=False)
+
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         if not args.skip_loops:
-            lines += loop_table(device, precision, root, backend, args)
+            lines += loop_table(device, precision, root, backend, args, measured)
         if not args.skip_job:
             lines += job_table(root, args)
     publish(lines, args.output, "Training throughput", __file__)
 
 
-def loop_table(device, precision, root: Path, backend, args) -> list[str]:
+def loop_table(device, precision, root: Path, backend, args, measured) -> list[str]:
     # A few generated photos, each used many times: generating thousands of 500 px JPEGs
     # would take minutes, and every use still decodes (seed-style) or augments (ours) anew.
     make_demo_dataset(root / "photos", max(1, min(16, args.photos // 7)), photo_size=500)
@@ -330,34 +336,79 @@ def loop_table(device, precision, root: Path, backend, args) -> list[str]:
     )
     paths = (unique * (args.seed_photos // len(unique) + 1))[: args.seed_photos]
     size, batch = args.img_size, args.batch_size
-    rows = [("model alone, synthetic tensors on the device (ceiling)", "eager")]
-    results = [bench_model_only(device, size, batch, args.steps, precision)]
+    runs = [
+        (
+            "model alone, synthetic tensors on the device (ceiling)",
+            "eager",
+            lambda: bench_model_only(device, size, batch, args.steps, precision),
+        )
+    ]
     if backend:
-        rows.append(("model alone, synthetic tensors on the device", f"compiled ({backend})"))
-        results.append(bench_model_only(device, size, batch, args.steps, precision, backend))
-    rows.append(("our training loop (cache + device augmentation)", "eager"))
-    results.append(bench_our_loop(device, cache, size, batch, args.epochs))
+        runs.append(
+            (
+                "model alone, synthetic tensors on the device",
+                f"compiled ({backend})",
+                lambda: bench_model_only(device, size, batch, args.steps, precision, backend),
+            )
+        )
+    runs.append(
+        (
+            "our training loop (cache + device augmentation)",
+            "eager",
+            lambda: bench_our_loop(device, cache, size, batch, args.epochs),
+        )
+    )
     if backend:
-        rows.append(("our training loop, `compile=true`", f"compiled ({backend})"))
-        results.append(bench_our_loop(device, cache, size, batch, args.epochs, backend))
-    rows.append(("our training loop, deterministic algorithms", "eager"))
-    results.append(bench_our_loop(device, cache, size, batch, args.epochs, deterministic=True))
-    rows.append(("seed-style pipeline (PIL decode every epoch, DataLoader)", "eager, fp32"))
-    results.append(bench_seed_style(device, paths, size, args.seed_epochs))
-    ceiling = max(rate for rate, _ in results[: 2 if backend else 1])
-    seed = results[-1][0]
-    table = [
+        runs.append(
+            (
+                "our training loop, `compile=true`",
+                f"compiled ({backend})",
+                lambda: bench_our_loop(device, cache, size, batch, args.epochs, backend),
+            )
+        )
+    runs.append(
+        (
+            "our training loop, deterministic algorithms",
+            "eager",
+            lambda: bench_our_loop(device, cache, size, batch, args.epochs, deterministic=True),
+        )
+    )
+    runs.append(
+        (
+            "seed-style pipeline (PIL decode every epoch, DataLoader)",
+            "eager, fp32",
+            lambda: bench_seed_style(device, paths, size, args.seed_epochs),
+        )
+    )
+    settings = (
         f"Settings: img_size {size}, efficientnet_b1, {len(unique)} generated ~500 px photos "
         f"used over and over: our loop {len(cache.pixels)} per epoch, batch {batch}, {precision}; "
         f"seed-style {len(paths)} per epoch, batch 64, fp32, 4 DataLoader workers; "
-        "the ceiling is the faster model-alone row; CUBLAS_WORKSPACE_CONFIG=:4096:8 for all rows",
+        "the ceiling is the faster model-alone row; CUBLAS_WORKSPACE_CONFIG=:4096:8 for all rows"
+    )
+    ceilings = 2 if backend else 1
+    rows, results = [], []
+    for what, mode, run in runs:
+        rows.append((what, mode))
+        results.append(run())
+        measured(loop_rows(settings, rows, results, ceilings, len(runs)))
+    return loop_rows(settings, rows, results, ceilings, len(runs))
+
+
+def loop_rows(settings: str, rows, results, ceilings: int, planned: int) -> list[str]:
+    """The loop table so far: "vs ceiling" needs the first rows, "vs seed-style" the last."""
+    ceiling = max(rate for rate, _ in results[:ceilings])
+    seed = results[-1][0] if len(results) == planned else None
+    table = [
+        settings,
         "",
         "| what | mode | images/s | vs ceiling | vs seed-style | first steps s |",
         "|---|---|---|---|---|---|",
     ]
     for (what, mode), (rate, warmup) in zip(rows, results, strict=True):
+        versus_seed = f"{rate / seed:.1f}x" if seed else "?"
         table.append(
-            f"| {what} | {mode} | {rate:,.1f} | {rate / ceiling:.0%} | {rate / seed:.1f}x "
+            f"| {what} | {mode} | {rate:,.1f} | {rate / ceiling:.0%} | {versus_seed} "
             f"| {warmup:.1f} |"
         )
     return ["", *table]

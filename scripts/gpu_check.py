@@ -36,10 +36,12 @@ SCRIPTS = REPO / "scripts"
 WHEELS = REPO / ".whl"
 BUDGET_S = 8 * 60
 
-# What our code imports (train, serve, tests) that the GPU machines' image lacks, by
-# /work/.library/device/KINDS.md's package list: Flask and what it needs beyond click,
-# jinja2 and markupsafe; gunicorn; the SageMaker training toolkit and the boto3 that its
-# `environment` module imports. Werkzeug is there, but at a version of its own.
+# The GPU machine this check is for: Linux on x86-64, Python 3.12, a CUDA build of torch
+# and torchvision with numpy, Pillow, scikit-learn, matplotlib, requests and pytest, and no
+# package index. What our code imports (train, serve, tests) beyond that travels as wheels:
+# Flask and what it needs beyond click, jinja2 and markupsafe; gunicorn; the SageMaker
+# training toolkit and the boto3 that its `environment` module imports. Werkzeug travels
+# too, at our pin, whatever version the machine has.
 GPU_MACHINE_LACKS = (
     "flask",
     "werkzeug",
@@ -170,6 +172,7 @@ class Check:
         self.only = set(only.split(",")) if only else None
         self.log_path = out / "check.log"
         self.stages: list[Stage] = []
+        self.setup_text = "setting up"
         self.env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.started = time.monotonic()
 
@@ -192,7 +195,7 @@ class Check:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         summary = self.summary(setup)
-        (self.out / "summary.md").write_text(summary + "\n")
+        self.save_summary()
         print(summary, flush=True)
         return 0 if all(s.status in ("passed", "skipped") for s in self.stages) else 1
 
@@ -219,6 +222,7 @@ class Check:
             "DRY RUN on the CPU (tiny sizes; no figure is a GPU figure)" if self.dry_run else "GPU"
         )
         text = f"mode: {mode}\n{probe}\n{driver}\nwheels: {wheels}"
+        self.setup_text = text
         self.append_log("setup", text)
         print(text, flush=True)
         return text
@@ -274,6 +278,7 @@ class Check:
         stage.seconds = time.monotonic() - started
         (self.out / "serving.md").write_text("# Serving\n\n" + "\n".join(tables))
         stage.headline = serving_headline(tables)
+        self.save_summary()
 
     def stage(self, name: str, command: list[str]) -> None:
         if not self.wanted(name):
@@ -287,10 +292,17 @@ class Check:
         self.stages.append(
             Stage(name, status, time.monotonic() - started, headline(name, output, status))
         )
+        self.save_summary()
 
     def skip(self, name: str, reason: str) -> None:
         if self.wanted(name):
             self.stages.append(Stage(name, "skipped", 0.0, reason))
+            self.save_summary()
+
+    def save_summary(self) -> None:
+        """summary.md as it stands, after every stage: a check stopped from outside (the
+        device tool's time limit) still leaves the rows it finished."""
+        (self.out / "summary.md").write_text(self.summary(self.setup_text) + "\n")
 
     def wanted(self, name: str) -> bool:
         return self.only is None or name in self.only

@@ -29,11 +29,15 @@ def describe() -> str:
     )
 
 
-def publish(lines: list[str], output: Path | None, title: str, script: str) -> None:
-    """Print the table and, where `output` is given, write it there as a page: the title,
-    when and by which script (a path) it was measured, the table."""
+def publish(
+    lines: list[str], output: Path | None, title: str, script: str, echo: bool = True
+) -> None:
+    """Print the table (unless `echo` is False: a page written row by row, as measured) and,
+    where `output` is given, write it there as a page: the title, when and by which script
+    (a path) it was measured, the table."""
     table = "\n".join(lines)
-    print(table)
+    if echo:
+        print(table)
     if output:
         output.parent.mkdir(parents=True, exist_ok=True)
         when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())

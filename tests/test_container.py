@@ -222,6 +222,35 @@ def test_train_then_serve_in_the_image(image, tmp_path):
         print(logs.stdout[-3000:], logs.stderr[-3000:])
 
 
+def test_gpus_visible_but_cuda_unusable_stop_train_and_serve_in_one_line(image, tmp_path):
+    """A GPU device node without a usable CUDA driver behind it, as on a host whose driver is
+    too old for the image: both commands stop at once, naming what to change."""
+    base = tmp_path / "opt_ml"
+    (base / "input" / "config").mkdir(parents=True)
+    (base / "input" / "config" / "hyperparameters.json").write_text(json.dumps(HYPERPARAMETERS))
+    fake_gpu = ["--device", "/dev/null:/dev/nvidia0"]
+    needs = "needs NVIDIA driver 580 or newer (CUDA 13.0)"
+
+    trained = subprocess.run(
+        [*PODMAN_RUN, *fake_gpu, "-v", f"{base}:/opt/ml", image, "train"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert trained.returncode == 1, trained.stdout[-3000:] + trained.stderr[-3000:]
+    reason = (base / "output" / "failure").read_text().splitlines()[0]
+    assert reason.startswith("train: 1 GPU(s) visible but CUDA is unusable"), reason
+    assert needs in reason and "al2023-ami-sagemaker-inference-gpu-4-1" in reason
+
+    served = subprocess.run(
+        [*PODMAN_RUN, *fake_gpu, image, "serve"], capture_output=True, text=True, timeout=300
+    )
+    assert served.returncode == 1, served.stdout[-3000:] + served.stderr[-3000:]
+    [line] = [line for line in served.stdout.splitlines() if "cannot start" in line]
+    assert "serve: 1 GPU(s) visible but CUDA is unusable" in line and needs in line
+    assert "Booting worker" not in served.stdout  # stopped before any worker
+
+
 # compose cannot pass podman's run flags: the Docker-compatible API takes them from here.
 CONTAINERS_CONF = """[containers]
 default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]

@@ -152,7 +152,12 @@ def test_serve_on_the_gpu_answers_as_on_the_cpu(reference, tmp_path, summary):
 
     photos = sorted((reference / "input" / "data" / "training" / "images").rglob("*.jpg"))[::4]
     answers = {}
-    for device, env in (("gpu", {}), ("cpu", {"CUDA_VISIBLE_DEVICES": ""})):
+    # float32 on both: bf16 alone can move a probability by 1e-2, the tolerance, and would
+    # hide a real difference between the devices.
+    for device, env in (
+        ("gpu", {"SPECIES_SERVE_DTYPE": "float32"}),
+        ("cpu", {"CUDA_VISIBLE_DEVICES": ""}),
+    ):
         server = ServerProcess(reference, tmp_path / f"serve-{device}.log", **env)
         try:
             server.wait_ready(timeout=300)
@@ -168,6 +173,7 @@ def test_serve_on_the_gpu_answers_as_on_the_cpu(reference, tmp_path, summary):
         finally:
             server.terminate()
         assert ("device cuda" in server.log()) == (device == "gpu"), server.log()
+        assert "float32" in server.log(), server.log()
     worst = max(
         abs(gpu["class_probabilities"][name] - cpu["class_probabilities"][name])
         for gpu, cpu in zip(answers["gpu"], answers["cpu"], strict=True)

@@ -70,7 +70,7 @@ bucket = "{BUCKET}"
 image = "from-config:1"
 
 [train]
-instance_type = "ml.p3.2xlarge"
+instance_type = "ml.g4dn.2xlarge"
 spot = true
 max_runtime = "3h"
 
@@ -91,7 +91,7 @@ pretrained = false
     job = aws.sagemaker.describe_training_job(TrainingJobName="sc-precedence")
     assert job["RoleArn"] == ROLE_ARN  # flag over config
     assert job["AlgorithmSpecification"]["TrainingImage"] == IMAGE  # environment over config
-    assert job["ResourceConfig"]["InstanceType"] == "ml.p3.2xlarge"  # config
+    assert job["ResourceConfig"]["InstanceType"] == "ml.g4dn.2xlarge"  # config
     assert job["EnableManagedSpotTraining"] is True
     assert job["StoppingCondition"]["MaxRuntimeInSeconds"] == 3 * 3600
     assert job["HyperParameters"] == {

@@ -69,7 +69,8 @@ def create_app(
 
     @app.get("/ping")
     def ping() -> Response:
-        return Response(status=200)
+        # 503 once the worker's GPU is broken: it is on its way out, gunicorn replaces it.
+        return Response(status=200 if batcher.healthy else 503)
 
     @app.get("/execution-parameters")
     def execution_parameters() -> Response:

@@ -129,10 +129,18 @@ def _place(
     return torch.cat([linear, shift.unsqueeze(2)], 2)
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` (on the CPU) on `device`; to a GPU from pinned memory, so the host does not
+    wait for the copy (from pageable memory it waits for the whole stream first)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def _warp(pixels: torch.Tensor, theta: torch.Tensor, img_size: int) -> torch.Tensor:
     images = pixels.permute(0, 3, 1, 2).float()
     grid = F.affine_grid(
-        theta.to(images.device), [len(images), 3, img_size, img_size], align_corners=False
+        to_device(theta, images.device), [len(images), 3, img_size, img_size], align_corners=False
     )
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 

@@ -28,6 +28,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from species_classifier.contract.hyperparameters import ConfigError
+from species_classifier.gpu import workers_for_host
+
 _log = logging.getLogger(__name__)
 
 DEFAULT_MASTER_PORT = 7777  # as SageMaker's PyTorch containers use
@@ -36,7 +39,15 @@ HOST_WAIT_LOG_EVERY_S = 30
 HOST_POLL_S = 5
 LOOPBACK_ADDRESS = "127.0.0.1"
 LOOPBACK_INTERFACE = "lo"
+# NCCL's collectives are the refit's gradient all-reduces, one per step: an hour without
+# one means a peer hangs.
 COLLECTIVE_TIMEOUT = timedelta(minutes=60)
+# The gloo group's waits last as long as a worker's own work: the start-up barrier waits
+# for the host's decode, gathering the folds for the worker with the most folds (a whole
+# fold more than one with fewer). No fixed wait fits them, so their deadline is the job's:
+# SageMaker stops a job at its MaxRuntimeInSeconds, at most 28 days, and the launcher stops
+# every worker as soon as one fails.
+OBJECT_WAIT_TIMEOUT = timedelta(days=28)
 
 
 @dataclass(frozen=True)
@@ -63,7 +74,10 @@ class Topology:
 
 def read_topology(resource_config: Path, workers_per_host: int) -> Topology:
     """Hosts sorted (SageMaker's leader rule); workers: the hyperparameter, else one per GPU."""
-    workers = workers_per_host or max(torch.cuda.device_count(), 1)
+    try:
+        workers = workers_for_host(workers_per_host, torch.cuda.device_count())
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     if not resource_config.is_file():
         return Topology(hosts=("localhost",), current_host="localhost", workers_per_host=workers)
     raw = json.loads(resource_config.read_text())
@@ -163,8 +177,13 @@ def join_process_group() -> Workers:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT)
-    object_group = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
+    timeout = COLLECTIVE_TIMEOUT if backend == "nccl" else OBJECT_WAIT_TIMEOUT
+    dist.init_process_group(backend=backend, timeout=timeout)
+    object_group = (
+        dist.new_group(backend="gloo", timeout=OBJECT_WAIT_TIMEOUT)
+        if backend != "gloo"
+        else dist.group.WORLD
+    )
     return Workers(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),

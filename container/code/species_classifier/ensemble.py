@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from species_classifier.gpu import serving_half_dtype
+
 _log = logging.getLogger(__name__)
 
 # Batch sizes captured as CUDA graphs; a batch is padded to the next one.
@@ -101,19 +103,11 @@ def build_forward(
     as reduced precision is slower on most CPUs). `engine`: "auto", "eager" or "graph"
     (CUDA graphs on a GPU, the frozen TorchScript graph on a CPU).
     """
-    dtypes = [dtype] if dtype else _dtype_candidates(device)
-    if len(dtypes) > 1:
-        example = _example(device, img_size, max_batch)
-        timings = {
-            # A copy per candidate: casting the weights to bf16 and back would round them.
-            candidate: _seconds_per_call(
-                _eager(_cast(copy.deepcopy(ensemble), device, candidate)), example
-            )
-            for candidate in dtypes
-        }
-        _log.info("dtype measured at batch %d: %s", max_batch, _format_timings(timings))
-        dtypes = [min(timings, key=timings.get)]
-    model = _cast(ensemble, device, dtypes[0])
+    candidates = [dtype] if dtype else _dtype_candidates(device)
+    chosen = candidates[0]
+    if len(candidates) > 1:
+        chosen = _fastest_dtype(ensemble, device, img_size, max_batch, candidates)
+    model = _cast(ensemble, device, chosen)
     if device.type == "cuda":
         return BuiltForward(
             *cuda_graph_forward(model, device, img_size, max_batch, engine, compile_model)
@@ -121,11 +115,43 @@ def build_forward(
     return BuiltForward(*cpu_forward(model, img_size, max_batch, engine, compile_model))
 
 
+def _fastest_dtype(
+    ensemble: Ensemble,
+    device: torch.device,
+    img_size: int,
+    max_batch: int,
+    candidates: list[torch.dtype],
+) -> torch.dtype:
+    """The candidate with the fastest eager call; float32 when the measurement itself fails
+    (out of memory, a kernel missing for this GPU): a slower worker, never one that dies at
+    start and is respawned in a loop."""
+    try:
+        example = _example(device, img_size, max_batch)
+        timings = {
+            # A copy per candidate: casting the weights to bf16 and back would round them.
+            candidate: _seconds_per_call(
+                _eager(_cast(copy.deepcopy(ensemble), device, candidate)), example
+            )
+            for candidate in candidates
+        }
+    except Exception as error:  # noqa: BLE001 - any measurement failure: serve float32
+        _log.warning(
+            "dtype measurement failed, serving float32: %s: %s",
+            type(error).__name__,
+            str(error).splitlines()[0][:200] if str(error) else "",
+        )
+        return torch.float32
+    _log.info("dtype measured at batch %d: %s", max_batch, _format_timings(timings))
+    return min(timings, key=timings.get)
+
+
 def _dtype_candidates(device: torch.device) -> list[torch.dtype]:
+    """float32 on a CPU; on a GPU its reduced precision by generation (bf16 from Ampere on,
+    fp16 on a T4: torch.cuda.is_bf16_supported() also counts emulated bf16) against float32."""
     if device.type != "cuda":
         return [torch.float32]
-    half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return [half, torch.float32]
+    half = serving_half_dtype(torch.cuda.get_device_capability(device))
+    return [getattr(torch, half), torch.float32]
 
 
 def _cast(ensemble: Ensemble, device: torch.device, dtype: torch.dtype) -> Ensemble:
@@ -164,6 +190,8 @@ def cuda_graph_forward(
         sizes = padded_sizes(max_batch)
         padded = PaddedBatches(forward, sizes, (img_size, img_size, 3), CudaGraphs(device), device)
     except Exception as error:  # noqa: BLE001 - any capture failure: serve eager, still serve
+        # Eager batches come in every size: benchmarking would search algorithms per size.
+        torch.backends.cudnn.benchmark = False
         _log.warning(
             "CUDA graph capture failed, serving eager (slower): %s: %s",
             type(error).__name__,

@@ -11,6 +11,7 @@ cannot disagree about orientation or colour handling.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import warnings
@@ -121,6 +122,16 @@ def normalize(
     """uint8 NHWC (or float 0-255 NCHW) pixels -> normalised float32 NCHW, channels_last."""
     if batch.dtype == torch.uint8:
         batch = batch.permute(0, 3, 1, 2).float()
-    mean_t = torch.tensor(mean, device=batch.device).view(1, -1, 1, 1) * 255.0
-    std_t = torch.tensor(std, device=batch.device).view(1, -1, 1, 1) * 255.0
+    mean_t, std_t = normalization_constants(tuple(mean), tuple(std), batch.device)
     return ((batch - mean_t) / std_t).contiguous(memory_format=torch.channels_last)
+
+
+@functools.cache
+def normalization_constants(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """normalize's (1, C, 1, 1) constants in 0-255 units, made once per device: built on
+    every batch, each would be a copy to the GPU that waits for everything queued before it."""
+    mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255.0
+    std_t = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255.0
+    return mean_t, std_t

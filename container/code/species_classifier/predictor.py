@@ -16,6 +16,7 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ import torch
 
 from species_classifier.artifacts import load_members, read_description
 from species_classifier.ensemble import Ensemble, build_forward
+from species_classifier.gpu import is_sticky_cuda_error
 from species_classifier.imaging import PhotoError, decode_photo
 
 _log = logging.getLogger(__name__)
@@ -174,10 +176,21 @@ class _Job:
 
 
 class Batcher:
-    """One batching thread in front of a Predictor, shared by a worker's request threads."""
+    """One batching thread in front of a Predictor, shared by a worker's request threads.
 
-    def __init__(self, predictor: Predictor, gather_seconds: float = GATHER_SECONDS) -> None:
+    After a CUDA error that breaks the process's GPU context for good, `healthy` turns False
+    and `on_broken` is called once: the worker must be replaced, not keep failing requests.
+    """
+
+    def __init__(
+        self,
+        predictor: Predictor,
+        gather_seconds: float = GATHER_SECONDS,
+        on_broken: Callable[[], None] | None = None,
+    ) -> None:
         self.predictor = predictor
+        self.healthy = True
+        self._on_broken = on_broken
         self._gather_seconds = gather_seconds
         self._ready = threading.Condition()
         self._waiting: deque[_Job] = deque()
@@ -232,11 +245,22 @@ class Batcher:
                 _log.exception("prediction failed for a batch of %d requests", len(jobs))
                 for job in jobs:
                     job.future.set_exception(error)
+                if self.healthy and is_sticky_cuda_error(error):
+                    self._break(error)
                 continue
             start = 0
             for job in jobs:
                 job.future.set_result(answers[start : start + len(job.images)])
                 start += len(job.images)
+
+    def _break(self, error: Exception) -> None:
+        self.healthy = False
+        _log.error(
+            "the GPU is unusable in this worker after %s: replacing the worker",
+            str(error).splitlines()[0][:200],
+        )
+        if self._on_broken is not None:
+            self._on_broken()
 
     def _next_batch(self) -> list[_Job]:
         max_batch = self.predictor.max_batch

@@ -18,6 +18,7 @@ import gc
 import itertools
 import logging
 import os
+import signal
 import sys
 import threading
 from collections.abc import Iterator, Mapping
@@ -30,6 +31,7 @@ from gunicorn.app.base import BaseApplication
 from species_classifier.app import create_app
 from species_classifier.artifacts import BundleError, load_members, read_description
 from species_classifier.contract.serving import ServerConfigError, ServingEnvironment
+from species_classifier.gpu import GpuUnusableError, check_host
 from species_classifier.predictor import (
     Batcher,
     Predictor,
@@ -183,11 +185,17 @@ class ModelServer(BaseApplication):
             )
             predictor.warm_up()
         return create_app(
-            Batcher(predictor),
+            Batcher(predictor, on_broken=_stop_this_worker),
             max_payload_mb=config.max_payload_mb,
             max_concurrent_transforms=config.max_concurrent_transforms,
             timeout_seconds=config.timeout_s,
         )
+
+
+def _stop_this_worker() -> None:
+    """gunicorn's graceful stop for this worker alone: requests in flight finish, then the
+    master starts a fresh worker with a fresh CUDA context in its place."""
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def main() -> int:
@@ -197,9 +205,10 @@ def main() -> int:
         stream=sys.stdout,
     )
     try:
+        check_host("serve")
         config = ServerConfig.from_environment()
         check_bundle(config.model_dir)
-    except (ServerConfigError, BundleError) as error:
+    except (ServerConfigError, BundleError, GpuUnusableError) as error:
         _log.error("cannot start the model server: %s", error)
         return EXIT_CONFIG_ERROR
     _log.info(

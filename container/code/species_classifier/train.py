@@ -10,6 +10,7 @@ epoch checkpointed for a restarted job to continue from.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -49,6 +50,7 @@ from species_classifier.dataset import (
 )
 from species_classifier.distributed import Workers, join_process_group, launch, read_topology
 from species_classifier.evaluation import summarize, write_outputs, write_skipped
+from species_classifier.gpu import GpuUnusableError, check_host, out_of_memory_message
 from species_classifier.model import WeightsMissingError, build_model
 from species_classifier.state import EpochRecord, FoldState
 from species_classifier.trainer import FoldData, FoldTrainer, TrainingStopped, format_clock
@@ -61,6 +63,10 @@ EXIT_STOPPED = 128 + signal.SIGTERM
 GPU_CACHE_SHARE = 0.5
 
 
+class GpuOutOfMemoryError(RuntimeError):
+    """Training or validation ran out of GPU memory; the message names the setting to lower."""
+
+
 def main() -> int:
     _configure_logging()
     paths = JobPaths.from_environment()
@@ -68,6 +74,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _stop_on_signal)
     try:
         config = read_config(paths)
+        check_host("train")
         topology = read_topology(paths.resource_config, config.workers_per_host)
         if topology.world_size == 1:
             run(paths, config, Workers())
@@ -77,7 +84,13 @@ def main() -> int:
     except (TrainingStopped, SignalException) as stop:
         name = stop.args[0] if isinstance(stop, TrainingStopped) else stop.sigval.name
         return _fail(paths, f"Stopped by {name}", EXIT_STOPPED, detail=_resume_note(paths))
-    except (ConfigError, DatasetError, WeightsMissingError) as error:
+    except (
+        ConfigError,
+        DatasetError,
+        WeightsMissingError,
+        GpuUnusableError,
+        GpuOutOfMemoryError,
+    ) as error:
         return _fail(paths, str(error), EXIT_FAILED)
     except ChildFailedError as error:
         rank, failure = error.get_first_failure()
@@ -172,10 +185,15 @@ def run(paths: JobPaths, config: TrainingConfig, workers: Workers) -> None:
     torch.manual_seed(config.seed)  # random initial weights, when not pretrained, are the job's own
     model = build_model(len(photos.classes), config.pretrained)
     trainer = FoldTrainer(model, config, device, len(photos.classes))
-    finished = train_own_folds(trainer, store, job_photos, folds, workers)
-    refit = None
-    if config.final_model == "refit":
-        refit = refit_on_all_photos(trainer, store, job_photos, finished, workers)
+    cache_on_gpu = job_photos.pixels.device.type == "cuda"
+    try:
+        finished = train_own_folds(trainer, store, job_photos, folds, workers)
+        refit = None
+        if config.final_model == "refit":
+            refit = refit_on_all_photos(trainer, store, job_photos, finished, workers)
+    except torch.OutOfMemoryError:
+        message = out_of_memory_message("training", config.batch_size, cache_on_gpu)
+        raise GpuOutOfMemoryError(message) from None
     if not workers.is_leader:
         return
     settings = {
@@ -283,12 +301,19 @@ def train_own_folds(
         _log.info(
             "fold %d: best macro-F1 %.4f at epoch %d", fold, state.best_macro_f1, state.best_epoch
         )
-        finished.append(state)
+        finished.append(_without_resume_state(state))
 
     gathered = workers.gather_to_leader(finished)
     if not workers.is_leader:
         return finished
     return sorted((s for states in gathered for s in states), key=lambda s: s.fold)
+
+
+def _without_resume_state(state: FoldState) -> FoldState:
+    """A finished fold as evaluation and the bundle need it (weights and history on the
+    CPU): its optimiser state lives on the GPU, and gathering it would unpickle every
+    worker's Adam moments onto the leader's GPU."""
+    return dataclasses.replace(state, model={}, optimizer={}, scheduler={}, scaler={})
 
 
 def refit_on_all_photos(

@@ -2,7 +2,7 @@
 
 What makes it fast: photos are uint8 tensors already in memory (GPU memory when they
 fit, pinned host memory otherwise), each batch is augmented on the device in one warp,
-the model runs in bf16 (fp16 with a gradient scaler on GPUs without bf16, fp32 on CPU)
+the model runs in bf16 (fp16 with a gradient scaler on GPUs before Ampere, fp32 on CPU)
 and channels_last, the optimiser is fused, and losses stay on the device until the
 epoch ends so the GPU never waits for the host.
 
@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from sklearn.metrics import f1_score
 from torch import nn
 
-from species_classifier.augment import augment, resize_whole
+from species_classifier.augment import augment, resize_whole, to_device
 from species_classifier.contract.hyperparameters import TrainingConfig
+from species_classifier.gpu import training_precision
 from species_classifier.imaging import normalize
 from species_classifier.model import base_learning_rate, parameter_groups, reset_head
 from species_classifier.state import EpochRecord, FoldState
@@ -43,12 +44,10 @@ VALIDATION_BATCH_FACTOR = 4
 
 
 def choose_precision(requested: str, device: torch.device) -> str:
-    """bf16 where the GPU has it, fp16 (with a gradient scaler) on older GPUs, fp32 on CPU."""
-    if device.type != "cuda":
-        return "fp32"
-    if requested != "auto":
-        return requested
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    """bf16 from Ampere on, fp16 (with a gradient scaler) on older GPUs, fp32 on CPU: by the
+    GPU's compute capability, as torch.cuda.is_bf16_supported() also counts emulated bf16."""
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    return training_precision(requested, capability)
 
 
 def epoch_seed(seed: int, fold: int, epoch: int) -> int:
@@ -172,10 +171,7 @@ class FoldTrainer:
         weights are its best, since there is nothing to compare them against.
         """
         criterion, optimizer, scaler = self._start(data, state, REFIT_SEED_STREAM)
-        forward = self.forward
-        if shard[1] > 1:
-            device_ids = [self.device] if self.device.type == "cuda" else None
-            forward = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        forward = self._refit_forward(workers=shard[1])
         while state.epoch < epochs:
             epoch = state.epoch + 1
             started = time.perf_counter()
@@ -205,6 +201,15 @@ class FoldTrainer:
                 seconds,
             )
         return state
+
+    def _refit_forward(self, workers: int):
+        """The network the refit trains through: the fold's (compiled when asked) on one
+        worker; on several, DistributedDataParallel, compiled around it when asked."""
+        if workers == 1:
+            return self.forward
+        device_ids = [self.device] if self.device.type == "cuda" else None
+        parallel = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        return torch.compile(parallel) if self.config.compile else parallel
 
     def _end_epoch(
         self,
@@ -256,22 +261,26 @@ class FoldTrainer:
         return len(train_labels) / (self.num_classes * counts)
 
     def _batches(self, data: FoldData, index: np.ndarray, batch_size: int, order: torch.Tensor):
-        """Yield (uint8 pixels on the device, their sizes on the CPU, labels on the device)."""
+        """Yield (uint8 pixels on the device, their sizes on the CPU, labels on the device).
+
+        Nothing here waits for the GPU: the epoch's rows go to the cache's device in one copy,
+        and every copy to the GPU starts from pinned memory, so the host queues ahead."""
         index_t = torch.as_tensor(index)[order]
         pin = data.pixels.device.type == "cpu" and self.device.type == "cuda"
+        rows_on_cache = to_device(index_t, data.pixels.device)
         bounds = [*range(0, len(index_t), batch_size), len(index_t)]
         if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
             # A lone last photo would break batch norm in training: it joins the batch before.
             del bounds[-2]
         for start, stop in itertools.pairwise(bounds):
             rows = index_t[start:stop]
-            pixels = data.pixels[rows.to(data.pixels.device)]
+            pixels = data.pixels[rows_on_cache[start:stop]]
             if pin:
                 pixels = pixels.pin_memory()
             yield (
                 pixels.to(self.device, non_blocking=True),
                 data.sizes[rows],
-                data.labels[rows].to(self.device, non_blocking=True),
+                to_device(data.labels[rows], self.device),
             )
 
     def _train_epoch(

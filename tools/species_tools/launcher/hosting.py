@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from botocore.exceptions import ClientError
+from species_classifier import gpu
 from species_classifier.contract.serving import (
     COMPILE_ENV,
     ServerConfigError,
@@ -384,7 +385,7 @@ def production_variant(args: argparse.Namespace, model: str, startup_s: int) -> 
                 "MaxConcurrency": args.max_concurrency,
             },
         }
-    return {
+    variant = {
         "VariantName": "AllTraffic",
         "ModelName": model,
         "InstanceType": args.instance_type,
@@ -393,6 +394,11 @@ def production_variant(args: argparse.Namespace, model: str, startup_s: int) -> 
         "ContainerStartupHealthCheckTimeoutInSeconds": startup_s,
         "ModelDataDownloadTimeoutInSeconds": args.download_timeout,
     }
+    # A GPU host's default driver (470 on ml.g4dn, g5, p4d) is too old for the image's CUDA.
+    ami = gpu.endpoint_ami(args.instance_type)
+    if ami is not None:
+        variant["InferenceAmiVersion"] = ami
+    return variant
 
 
 def describe_variant(variant: Mapping[str, Any]) -> str:
@@ -451,6 +457,7 @@ def command_deploy(args: argparse.Namespace, ctx: Context) -> int:
         check_serverless(args, environment)
     else:
         require(args, "instance_type")
+        limits.check_instance_type(args.instance_type)
     check_autoscaling(args)
     if args.async_output:
         args.async_output = as_prefix(args.async_output)

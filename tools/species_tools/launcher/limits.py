@@ -12,6 +12,8 @@ import re
 import unicodedata
 from collections.abc import Mapping, Sequence
 
+from species_classifier import gpu
+
 from species_tools.aws import SettingsError
 
 MAX_HYPERPARAMETERS = 100
@@ -95,6 +97,14 @@ def check_environment(
                 f"environment variable {name} has a value of {len(value)} characters: "
                 f"at most {max_length} allowed for {where}"
             )
+
+
+def check_instance_type(instance_type: str) -> None:
+    """Refuse an instance type whose GPU the image cannot run on (gpu.py), before anything
+    is uploaded or created."""
+    reason = gpu.unsupported_instance(instance_type)
+    if reason is not None:
+        raise SettingsError(reason)
 
 
 def check_range(value: int, low: int, high: int, flag: str) -> None:

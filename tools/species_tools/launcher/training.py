@@ -220,6 +220,7 @@ def checked_tags(args: argparse.Namespace) -> list[dict[str, str]]:
 
 def job_definition(args: argparse.Namespace, data_uri: str, output: str) -> dict[str, Any]:
     """What a training job and a tuning trial share: image, data, resources, stopping..."""
+    limits.check_instance_type(args.instance_type)
     environment = dict(args.env or [])
     limits.check_environment(
         environment, "a training job", TRAINING_ENVIRONMENT_ENTRIES, TRAINING_ENVIRONMENT_LENGTH

@@ -10,6 +10,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from species_classifier import gpu
+
 from species_tools.aws import SettingsError, split_s3_uri
 from species_tools.launcher import limits
 from species_tools.launcher.hosting import (
@@ -98,6 +100,7 @@ def transform_request(
     args: argparse.Namespace, job: str, model: str, input_uri: str, output: str
 ) -> dict[str, Any]:
     limits.check_transform_payload(args.max_payload_mb, args.max_concurrent)
+    limits.check_instance_type(args.instance_type)
     limits.check_range(args.invocations_timeout, 1, 3600, "--invocations-timeout")
     tags = tag_list(args.tags)
     limits.check_tags(tags)
@@ -127,6 +130,11 @@ def transform_request(
         },
         "Tags": tags,
     }
+    # Batch transform's newest driver (535) runs the image's CUDA only through the forward-
+    # compatibility libraries; the default (470) not at all.
+    ami = gpu.transform_ami(args.instance_type)
+    if ami is not None:
+        request["TransformResources"]["TransformAmiVersion"] = ami
     if args.max_concurrent:
         request["MaxConcurrentTransforms"] = args.max_concurrent
     return request
