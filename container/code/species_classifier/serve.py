@@ -47,6 +47,7 @@ MAX_BATCH_ENV = "MODEL_SERVER_MAX_BATCH"
 DTYPE_ENV = "SPECIES_SERVE_DTYPE"
 ENGINE_ENV = "SPECIES_SERVE_ENGINE"
 COMPILE_ENV = "SPECIES_SERVE_COMPILE"
+ABSTAIN_ENV = "SPECIES_ABSTAIN_BELOW"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ENGINES = ("auto", "eager", "graph")
@@ -76,6 +77,7 @@ class ServerConfig:
     dtype: torch.dtype | None = None  # None: measured at start-up
     engine: str = "auto"
     compile_model: bool = False
+    abstain_below: float | None = None  # None: model.json's
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] = os.environ) -> ServerConfig:
@@ -91,6 +93,7 @@ class ServerConfig:
             dtype=DTYPES.get(_choice(environ, DTYPE_ENV, ("auto", *DTYPES))),
             engine=_choice(environ, ENGINE_ENV, ENGINES),
             compile_model=_choice(environ, COMPILE_ENV, ("0", "1")) == "1",
+            abstain_below=_share(environ, ABSTAIN_ENV),
         )
 
     @property
@@ -120,6 +123,23 @@ def _positive_int(
         limit = f"1 to {upper}" if upper else "a positive whole number"
         raise ServerConfigError(
             f"{name}={raw!r} is not valid: set it to {limit}, or unset it for {default}"
+        )
+    return value
+
+
+def _share(environ: Mapping[str, str], name: str) -> float | None:
+    """A number from 0 to 1, or None when unset or empty."""
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1:
+        raise ServerConfigError(
+            f"{name}={raw!r} is not valid: set it to a number from 0 to 1, or unset it for "
+            "model.json's abstain_below"
         )
     return value
 
@@ -225,6 +245,7 @@ class ModelServer(BaseApplication):
                 dtype=config.dtype,
                 engine=config.engine,
                 compile_model=config.compile_model,
+                abstain_below=config.abstain_below,
             )
             predictor.warm_up()
         return create_app(
