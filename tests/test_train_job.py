@@ -6,6 +6,7 @@ import csv
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 from conftest import failure_text, run_train, write_hyperparameters
@@ -13,6 +14,15 @@ from photos import cmyk_jpeg, exif_rotated_jpeg, greyscale_jpeg, sixteen_bit_png
 from species_classifier import metric_lines
 from species_classifier.artifacts import load_members, read_description
 from species_classifier.demo_data import pretrain_stand_in_weights
+
+
+def macro_f1_of(confusion: list[list[int]]) -> float:
+    """Mean over classes of 2 TP / (photos of the class + photos called the class)."""
+    matrix = np.array(confusion)
+    both = matrix.sum(axis=1) + matrix.sum(axis=0)
+    return float(
+        np.mean(np.divide(2 * np.diag(matrix), both, out=np.zeros(len(matrix)), where=both > 0))
+    )
 
 
 @pytest.mark.slow
@@ -33,12 +43,16 @@ def test_three_fold_job_writes_every_output(job):
     assert metrics["classes"] == classes
     assert [f["fold"] for f in metrics["folds"]] == [1, 2, 3]
     for fold in metrics["folds"]:
-        assert 1 <= fold["best_epoch"] <= 2 and 0 <= fold["macro_f1"] <= 1
+        assert 1 <= fold["best_epoch"] <= 2
+        assert fold["macro_f1"] == pytest.approx(macro_f1_of(fold["confusion_matrix"]))
         assert len(fold["confusion_matrix"]) == 5 and len(fold["history"]) == fold["epochs_run"]
         assert set(fold["per_class"]["other"]) == {"precision", "recall", "f1", "support"}
     pooled = metrics["out_of_fold"]
     assert sum(map(sum, pooled["confusion_matrix"])) == 42  # every photo validated once
-    assert metrics["std_macro_f1"] >= 0 and 0 <= metrics["mean_macro_f1"] <= 1
+    fold_f1 = [fold["macro_f1"] for fold in metrics["folds"]]
+    assert metrics["mean_macro_f1"] == pytest.approx(np.mean(fold_f1))
+    assert metrics["std_macro_f1"] == pytest.approx(np.std(fold_f1))
+    assert pooled["macro_f1"] == pytest.approx(macro_f1_of(pooled["confusion_matrix"]))
 
     data = base / "output" / "data"
     for name in [

@@ -41,6 +41,7 @@ def make_demo_dataset(
     species: tuple[str, ...] = DEMO_TARGETS + DEMO_OTHERS,
     seed: int = 0,
     max_photos_per_observation: int = 1,
+    class_colour_share: float = 1.0,
 ) -> Path:
     """Write photos under root/images/<species>/ and root/train.csv; return the CSV path.
 
@@ -48,10 +49,16 @@ def make_demo_dataset(
     Photos come in observations of 1 to `max_photos_per_observation` photos, as on
     iNaturalist: near-copies of one individual (the same blobs, moved a little, under other
     light and noise). Each row has an `observation_uuid` and an `observer_id`, as the
-    collector writes them; observers come from a small pool, so each one recurs."""
+    collector writes them; observers come from a small pool, so each one recurs.
+
+    `class_colour_share` below 1 mixes the class colour with a colour of the observation's
+    own (its place, its light): the species is then harder to see than the individual, as
+    in real photos, and near-copies across a split flatter a score the more.
+    """
     rng = np.random.default_rng(seed)
-    # Ids and observation sizes from their own stream: with one photo per observation the
-    # photos are the same as before there were observations.
+    # Ids, observation sizes and tints from their own stream: with one photo per
+    # observation and the full class colour the photos are the same as before there were
+    # observations.
     ids = np.random.default_rng([seed, 1])
     observers = [str(n) for n in ids.choice(9_000_000, OBSERVERS, replace=False) + 1_000_000]
     rows = []
@@ -65,15 +72,14 @@ def make_demo_dataset(
             )
             observation = str(uuid.UUID(bytes=ids.bytes(16), version=4))
             observer = observers[ids.integers(len(observers))]
-            look = _look(rng)
+            look = _look(rng, tint=ids.uniform(0, 1, 3))
             for copy in range(size):
                 path = folder / f"{number:04d}.jpg"
                 height, width = SHAPES[list(SHAPES)[number % len(SHAPES)]]
                 shape = (round(height * photo_size), round(width * photo_size))
                 seen = look if copy == 0 else _nudge(look, rng)
-                Image.fromarray(_photo(index, len(species), shape, seen, rng)).save(
-                    path, quality=90
-                )
+                pixels = _photo(index, len(species), shape, seen, class_colour_share, rng)
+                Image.fromarray(pixels).save(path, quality=90)
                 rows.append(
                     {
                         "species_name": name,
@@ -93,21 +99,22 @@ def make_demo_dataset(
 
 @dataclass(frozen=True)
 class _Look:
-    """What the photos of one observation share: the light, and three blobs, each
-    (centre y, centre x, radius, RGB colour) in fractions of the long side."""
+    """What the photos of one observation share: the light, a tint (RGB), and three blobs,
+    each (centre y, centre x, radius, RGB colour) in fractions of the long side."""
 
     brightness: float
+    tint: np.ndarray
     blobs: list[tuple[float, float, float, np.ndarray]]
 
 
-def _look(rng: np.random.Generator) -> _Look:
+def _look(rng: np.random.Generator, tint: np.ndarray) -> _Look:
     brightness = rng.uniform(0.8, 1.0)
     blobs = []
     for _ in range(3):
         cy, cx = rng.uniform(0, 1, 2)
         radius = rng.uniform(0.03, 0.1)
         blobs.append((cy, cx, radius, rng.uniform(0, 1, 3)))
-    return _Look(brightness, blobs)
+    return _Look(brightness, tint, blobs)
 
 
 def _nudge(look: _Look, rng: np.random.Generator) -> _Look:
@@ -116,17 +123,23 @@ def _nudge(look: _Look, rng: np.random.Generator) -> _Look:
         (cy + rng.normal(0, 0.02), cx + rng.normal(0, 0.02), radius, colour)
         for cy, cx, radius, colour in look.blobs
     ]
-    return _Look(look.brightness * rng.uniform(0.95, 1.05), moved)
+    return _Look(look.brightness * rng.uniform(0.95, 1.05), look.tint, moved)
 
 
 def _photo(
-    index: int, count: int, shape: tuple[int, int], look: _Look, rng: np.random.Generator
+    index: int,
+    count: int,
+    shape: tuple[int, int],
+    look: _Look,
+    class_colour_share: float,
+    rng: np.random.Generator,
 ) -> np.ndarray:
     # The class colour dominates, so even a randomly initialised network picks it up within
     # a few epochs on a CPU; blobs and noise keep the photos from being identical and give
     # JPEG decoding as much work as a real photo of that size.
     hue = index / count
     colour = np.array([np.cos(2 * np.pi * (hue + k / 3)) for k in range(3)]) * 0.5 + 0.5
+    colour = class_colour_share * colour + (1 - class_colour_share) * look.tint
     height, width = shape
     # Blob centres in fractions of each side, radii in fractions of the long side: round
     # blobs stay round whatever the photo's shape.

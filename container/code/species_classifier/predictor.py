@@ -104,13 +104,12 @@ class Predictor:
             compile_model=compile_model,
         )
         _log.info(
-            "model loaded: %d members, %d classes, %d px, temperature %g, unsure below %g, "
-            "device %s, %s, %s, max batch %d%s",
+            "model loaded: %d members, %d classes, %d px, temperature %g, device %s, %s, %s, "
+            "max batch %d%s",
             len(self.member_names),
             len(self.classes),
             self.img_size,
             self.description.temperature,
-            self.abstain_below,
             self.device,
             str(self.built.dtype).removeprefix("torch."),
             self.built.engine,
