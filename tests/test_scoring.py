@@ -68,7 +68,9 @@ def test_each_resample_scores_as_scikit_learn_scores_those_photos():
     for r in range(3):
         drawn = np.repeat(np.arange(10), rng.multinomial(10, np.full(10, 0.1)))
         rows = np.concatenate([np.flatnonzero(groups == g) for g in drawn])
-        expected = f1_score(labels[rows], predicted[rows], average="macro", labels=range(3))
+        # Over the classes the resample holds or predicts, as the docstring says.
+        present = np.union1d(labels[rows], predicted[rows])
+        expected = f1_score(labels[rows], predicted[rows], average="macro", labels=present)
         assert boot["macro_f1"][r] == pytest.approx(expected)
         assert boot["accuracy"][r] == pytest.approx((labels[rows] == predicted[rows]).mean())
 
@@ -146,3 +148,13 @@ def test_the_lookalike_table_counts_each_species_and_puts_look_alikes_called_a_t
             "wrong": 0,
         },
     ]
+
+
+def test_a_class_a_resample_lacks_is_left_out_of_its_scores_not_scored_zero():
+    # Class 1 is one photo, always right: resamples without it must not score it 0.
+    labels = np.array([0] * 20 + [1] + [2] * 20)
+    predicted = labels.copy()
+    predicted[:2] = 2
+    scores = intervals(labels, predicted, np.arange(len(labels)))
+    assert scores["per_class"]["b"]["f1_ci95"] == [1.0, 1.0]
+    assert scores["macro_f1_ci95"][0] > 0.85

@@ -136,7 +136,8 @@ def read_rows(csv_path: Path, group_by: str = "none") -> CsvRows:
     if column not in columns:
         raise DatasetError(
             f"group_by={group_by} needs the column {column}, which {csv_path.name} lacks: add "
-            "it (the collector writes it) or choose another group_by (none keeps photos apart)"
+            "it (the collector writes it) or choose another group_by: auto, observation, "
+            "observer or none"
         )
     ids = table[column].str.strip()
     # A photo without a group id is a group of its own, never one group of all the blanks.

@@ -480,22 +480,23 @@ def render_report(
     return "\n".join(lines)
 
 
-def _interval(bounds: list[float]) -> str:
-    return f"{bounds[0]:.2f}-{bounds[1]:.2f}"
+def _interval(bounds: list[float] | None) -> str:
+    return "n/a" if bounds is None else f"{bounds[0]:.2f}-{bounds[1]:.2f}"
 
 
 def _grouping_line(grouping: dict, asked: str | None) -> str:
     if grouping["group_by"] == "none":
         why = "as asked" if asked == "none" else "the CSV has no `observation_uuid` column"
         return (
-            f"Splits drawn photo by photo (group_by none: {why}): {grouping['photos']} photos. "
+            f"Splits drawn photo by photo (group_by none: {why}): the folds' "
+            f"{grouping['photos']} photos. "
             "Photos of one observation may sit on both sides of a split, where near-copies "
             "flatter every score."
         )
     noun = GROUP_NOUNS[grouping["group_by"]]
     return (
-        f"Splits drawn by {grouping['group_by']} (column `{grouping['column']}`): "
-        f"{grouping['photos']} photos in {grouping['groups']} {noun}; no "
+        f"Splits drawn by {grouping['group_by']} (column `{grouping['column']}`): the folds' "
+        f"{grouping['photos']} photos come from {grouping['groups']} {noun}; no "
         f"{grouping['group_by']} is on both sides of the holdout or of any fold, and the "
         f"intervals resample whole {noun}."
     )
@@ -509,7 +510,7 @@ def _abstain_line(abstain: dict, holdout: dict | None) -> str:
             '`"unsure": true`: lower min_precision or improve the model.'
         )
     line = (
-        f"**Unsure below confidence {abstain['abstain_below']:.3f}:** `serve` marks answers "
+        f"**Unsure below confidence {abstain['abstain_below']:.4f}:** `serve` marks answers "
         f'less confident than that `"unsure": true`, so that the rest reach precision '
         f"{abstain['min_precision']:g}. On the out-of-fold photos it answers "
         f"{abstain['coverage']:.0%} of them, {abstain['precision']:.1%} right"
@@ -568,6 +569,8 @@ def _holdout_lines(holdout: dict, lookalikes: pd.DataFrame, classes: list[str]) 
         *_per_class_lines(holdout),
         "",
         "![holdout confusion matrix](confusion_holdout_normalized.png)",
+        "",
+        "### Look-alikes on the holdout",
         "",
         *_lookalike_lines(lookalikes, classes),
         "",

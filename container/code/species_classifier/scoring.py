@@ -95,8 +95,11 @@ def with_intervals(
     boot = bootstrap_scores(y_true, y_pred, groups, len(classes), seed)
     tail = 100 * (1 - CONFIDENCE_LEVEL) / 2
 
-    def interval(values: np.ndarray) -> list[float]:
-        low, high = np.percentile(values, [tail, 100 - tail])
+    def interval(values: np.ndarray) -> list[float] | None:
+        scored = values[~np.isnan(values)]
+        if not len(scored):  # a class no resample holds or predicts
+            return None
+        low, high = np.percentile(scored, [tail, 100 - tail])
         return [round(float(low), 4), round(float(high), 4)]
 
     per_class = {
@@ -121,7 +124,9 @@ def bootstrap_scores(
     resamples: int = RESAMPLES,
 ) -> dict[str, np.ndarray]:
     """Macro-F1, accuracy (resamples) and per-class F1 (resamples x classes) of resamples
-    that draw as many groups as there are, with replacement.
+    that draw as many groups as there are, with replacement. A class that a resample neither
+    holds nor predicts has no F1 there (NaN), and macro-F1 averages the classes that do:
+    scoring it 0 would drag a small sample's interval down to 0 for no mistake made.
 
     Each group's confusion matrix is counted once; a resample's matrix is then the sum of
     its groups' matrices weighted by how often each was drawn, one matrix product per chunk.
@@ -140,14 +145,16 @@ def bootstrap_scores(
         matrices.append(weights @ per_group)
     matrix = np.concatenate(matrices).reshape(resamples, n_classes, n_classes)
     true_positive = np.diagonal(matrix, axis1=1, axis2=2)
-    # F1 = 2 TP / (2 TP + FP + FN); a class with neither photos nor predictions scores 0, as
-    # scikit-learn's zero_division=0 does in the point estimate.
+    # F1 = 2 TP / (2 TP + FP + FN) = 2 TP / (photos of the class + photos called the class).
     denominator = matrix.sum(axis=2) + matrix.sum(axis=1)
     f1 = np.divide(
-        2 * true_positive, denominator, out=np.zeros_like(true_positive), where=denominator > 0
+        2 * true_positive,
+        denominator,
+        out=np.full(true_positive.shape, np.nan),
+        where=denominator > 0,
     )
     return {
-        "macro_f1": f1.mean(axis=1),
+        "macro_f1": np.nanmean(f1, axis=1),
         "accuracy": true_positive.sum(axis=1) / matrix.sum(axis=(1, 2)),
         "f1": f1,
     }
