@@ -69,7 +69,14 @@ def test_three_fold_job_writes_every_output(job):
     assert len(rows) == 42 and {r["fold"] for r in rows} == {"1", "2", "3"}
     probabilities = [float(rows[0][f"prob_{c}"]) for c in classes]
     assert abs(sum(probabilities) - 1) < 1e-4
-    assert "Mean macro-F1 over 3 fold(s)" in (data / "report.md").read_text()
+    # The demo CSV has observation_uuid: grouped by observation, each in one fold only.
+    folds_of = {}
+    for row in rows:
+        folds_of.setdefault(row["observation_uuid"], set()).add(row["fold"])
+    assert all(len(folds) == 1 for folds in folds_of.values())
+    report = (data / "report.md").read_text()
+    assert f"mean macro-F1 over 3 fold(s): {metrics['mean_macro_f1']:.3f}" in report
+    assert "Splits drawn by observation (column `observation_uuid`)" in report
 
     description = read_description(base / "model")
     assert description.classes == classes and description.img_size == 48
@@ -139,7 +146,7 @@ BAD_INPUTS = {
             p.write_bytes(b"not a jpeg")
             for p in sorted((csv_path(base).parent / "images" / "Zenaida_macroura").iterdir())[:4]
         ],
-        r"too few photos for k_folds=3 after leaving out 4 unreadable photo\(s\): 'Zenaida macroura' has 2",
+        r"too few observations for k_folds=3 after leaving out 4 unreadable photo\(s\): 'Zenaida macroura' has 2",
     ),
 }
 
