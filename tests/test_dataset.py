@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from species_classifier import holdout
 from species_classifier.channel import find_csv
+from species_classifier.config import ConfigError, parse_hyperparameters
 from species_classifier.dataset import (
     CsvRows,
     DatasetError,
@@ -255,3 +256,12 @@ def test_too_few_groups_for_the_folds_is_a_one_line_error(tmp_path):
     )
     assert "\n" not in str(error.value)
     check_class_sizes(photos, k_folds=2)
+
+
+def test_group_by_is_a_hyperparameter_auto_by_default():
+    assert parse_hyperparameters({"target_species": "a"}).group_by == "auto"
+    assert parse_hyperparameters({"target_species": "a", "group-by": "Observer"}).group_by == (
+        "observer"
+    )
+    with pytest.raises(ConfigError, match="group_by='photo' is not one of auto, observation"):
+        parse_hyperparameters({"target_species": "a", "group_by": "photo"})

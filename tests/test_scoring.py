@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from sklearn.metrics import f1_score
+from species_classifier.config import ConfigError, parse_hyperparameters
 from species_classifier.scoring import (
     bootstrap_scores,
     choose_abstain_threshold,
@@ -158,3 +159,12 @@ def test_a_class_a_resample_lacks_is_left_out_of_its_scores_not_scored_zero():
     scores = intervals(labels, predicted, np.arange(len(labels)))
     assert scores["per_class"]["b"]["f1_ci95"] == [1.0, 1.0]
     assert scores["macro_f1_ci95"][0] > 0.85
+
+
+def test_min_precision_is_a_hyperparameter_from_0_to_1():
+    assert parse_hyperparameters({"target_species": "a"}).min_precision == 0.95
+    assert (
+        parse_hyperparameters({"target_species": "a", "min_precision": "0.8"}).min_precision == 0.8
+    )
+    with pytest.raises(ConfigError, match="min_precision=1.5 is out of range: allowed 0.0 to 1.0"):
+        parse_hyperparameters({"target_species": "a", "min_precision": 1.5})
