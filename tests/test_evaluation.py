@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from species_classifier.calibration import apply_temperature
 from species_classifier.dataset import LabelledPhotos
 from species_classifier.evaluation import (
     _curves_figure,
@@ -23,6 +24,12 @@ from species_classifier.evaluation import (
 from species_classifier.state import EpochRecord, FoldState
 
 CLASSES = ["Acer rubrum", "other"]
+SUMMARY = {
+    "skipped": 0,
+    "final_model": {"strategy": "ensemble", "members": 2},
+    "seed": 42,
+    "min_precision": 0.9,
+}
 
 
 @pytest.fixture
@@ -64,9 +71,7 @@ def _folds():
 def test_outputs_have_every_table_plot_and_report_section(channel, tmp_path):
     root, photos = channel
     folds, indices = _folds()
-    metrics = summarize(
-        folds, indices, photos, skipped=0, final_model={"strategy": "ensemble", "members": 2}
-    )
+    metrics = summarize(folds, indices, photos, **SUMMARY)
     out = tmp_path / "out"
     write_outputs(out, metrics, folds, indices, photos, root, {"seed": 42})
 
@@ -105,7 +110,32 @@ def test_outputs_have_every_table_plot_and_report_section(channel, tmp_path):
         "applied",
         "temperature",
     }
-    for name in ["curves.png", "reliability.png", "mistakes_confident.png", "right_unsure.png"]:
+    assert stored["out_of_fold"]["macro_f1_ci95"][0] <= stored["out_of_fold"]["macro_f1"]
+    assert stored["grouping"] == {"group_by": "none", "column": None, "groups": 8, "photos": 8}
+    # Out-of-fold confidences, highest first, (w)rong: 0.99 0.9 0.9 0.8 0.7w 0.65 0.6w 0.55.
+    # Down to 0.8 all 4 answers are right; lower, at most 5 of 6: precision 0.9 stops at 0.8,
+    # as serving sees it (after the temperature).
+    served = apply_temperature(np.array([[0.8, 0.2]]), stored["calibration"]["temperature"])
+    assert stored["abstain"]["abstain_below"] == pytest.approx(served.max())
+    assert (stored["abstain"]["coverage"], stored["abstain"]["precision"]) == (0.5, 1.0)
+
+    lookalikes = pd.read_csv(out / "lookalikes.csv")
+    assert lookalikes.to_dict("records")[0] == {
+        "scope": "out_of_fold",
+        "species_name": "Quercus alba",
+        "class": "other",
+        "photos": 4,
+        "Acer rubrum": 1,
+        "other": 3,
+        "wrong": 1,
+    }
+    for name in [
+        "curves.png",
+        "reliability.png",
+        "coverage.png",
+        "mistakes_confident.png",
+        "right_unsure.png",
+    ]:
         with Image.open(out / name) as image:
             assert image.width > 300, name
     report = (out / "report.md").read_text()
@@ -117,10 +147,34 @@ def test_outputs_have_every_table_plot_and_report_section(channel, tmp_path):
         "![the least confident right answers](right_unsure.png)",
         "Fold scores are optimistic",
         "Set `holdout_fraction`",
+        "| Quercus alba | other | 4 | 1 | 3 | 1 |",
+        "![coverage against accuracy](coverage.png)",
+        "Splits drawn photo by photo",
     ]:
         assert part in report, part
-    verdict = "so `serve` applies it" if stored["calibration"]["applied"] else "does not apply it"
-    assert verdict in report
+    assert report.splitlines()[2].startswith(
+        f"**Pooled out-of-fold macro-F1: {stored['out_of_fold']['macro_f1']:.3f}** (95% interval "
+    )
+
+
+@pytest.mark.parametrize(
+    ("right", "verdict"),
+    [(False, "so `serve` applies it"), (True, "so `serve` does not apply it")],
+    ids=["overconfident", "certain-and-right"],
+)
+def test_the_report_says_whether_serving_applies_the_temperature(channel, tmp_path, right, verdict):
+    """Answers at 99% of which half are wrong: softening them lowers the calibration error.
+    Answers at 100%, all right: nothing can lower an error of 0."""
+    root, photos = channel
+    folds, indices = _folds()
+    for state, index in zip(folds, indices, strict=True):
+        truth = photos.labels[index]
+        given = truth if right else np.where(np.arange(len(truth)) % 2 == 0, truth, 1 - truth)
+        one_hot = torch.nn.functional.one_hot(torch.from_numpy(given), 2).float()
+        state.best_val_probs = one_hot if right else one_hot * 0.98 + 0.01
+    metrics = summarize(folds, indices, photos, **SUMMARY)
+    write_outputs(tmp_path / "out", metrics, folds, indices, photos, root, {})
+    assert verdict in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_contact_sheets_pick_the_most_confident_mistakes_and_the_least_confident_hits(channel):
@@ -143,9 +197,7 @@ def test_a_job_without_mistakes_says_so_instead_of_an_empty_sheet(channel, tmp_p
         state.best_val_probs = torch.nn.functional.one_hot(
             torch.from_numpy(photos.labels[index]), 2
         ).float()
-    metrics = summarize(
-        folds, indices, photos, skipped=0, final_model={"strategy": "ensemble", "members": 2}
-    )
+    metrics = summarize(folds, indices, photos, **SUMMARY)
     out = tmp_path / "out"
     write_outputs(out, metrics, folds, indices, photos, root, {})
     assert not (out / "mistakes_confident.png").exists()

@@ -13,6 +13,7 @@ from serving_helpers import CLASSES, make_bundle, photo
 from sklearn.metrics import f1_score
 from species_classifier import holdout
 from species_classifier.artifacts import read_description
+from species_classifier.calibration import expected_calibration_error
 from species_classifier.contract.hyperparameters import ConfigError, parse_hyperparameters
 from species_classifier.dataset import DatasetError, LabelledPhotos
 from species_classifier.imaging import decode_photo
@@ -95,7 +96,7 @@ def test_the_score_is_what_the_served_bundle_answers(tmp_path):
     paths[7].write_bytes(b"not a photo")  # unreadable: left out and counted
     held = LabelledPhotos(paths, [CLASSES[k] for k in labels], labels, CLASSES)
 
-    result = holdout.score(model_dir, held, channel)
+    result = holdout.score(model_dir, held, channel, seed=42)
 
     served = Predictor(model_dir).predict([decode_photo(p, 48) for p in paths[:7]])
     expected = np.array([[a["class_probabilities"][c] for c in CLASSES] for a in served])
@@ -108,7 +109,11 @@ def test_the_score_is_what_the_served_bundle_answers(tmp_path):
         f1_score(labels[:7], predicted, average="macro", labels=range(5), zero_division=0)
     )
     assert result.metrics["accuracy"] == pytest.approx((predicted == labels[:7]).mean())
-    assert 0 <= result.metrics["ece"] <= 1
+    assert result.metrics["ece"] == pytest.approx(expected_calibration_error(expected, labels[:7]))
+    low, high = result.metrics["macro_f1_ci95"]
+    assert low <= result.metrics["macro_f1"] <= high
+    # The bundle says nothing of abstaining: every answer given, none unsure.
+    assert result.metrics["answered"]["coverage"] == 1.0
 
 
 @pytest.mark.slow
@@ -122,22 +127,29 @@ def test_a_job_with_a_holdout_scores_it_once_and_reports_it(job):
     data = base / "output" / "data"
     metrics = json.loads((data / "metrics.json").read_text())
     held = metrics["holdout"]
-    # 42 photos, a quarter set aside (stratified): 11, every class at least once.
-    assert held["count"] + held["unreadable"] == 11
-    assert all(scores["support"] >= 1 for scores in held["per_class"].values())
+    # 42 photos in one-photo observations, a quarter of each class set aside, the share
+    # rounded to whole photos (6 x 0.25 = 1.5 -> 2; 18 x 0.25 = 4.5 -> 5): 13.
+    assert held["count"] + held["unreadable"] == 13
+    assert [scores["support"] for scores in held["per_class"].values()] == [2, 2, 2, 2, 5]
     assert sum(map(sum, held["confusion_matrix"])) == held["count"]
-    assert metrics["photos"]["used"] == 31
+    assert metrics["photos"]["used"] == 29
     oof = pd.read_csv(data / "oof_predictions.csv")
     scored = pd.read_csv(data / "holdout_predictions.csv")
-    assert len(oof) == 31 and len(scored) == held["count"]
+    assert len(oof) == 29 and len(scored) == held["count"]
     assert set(oof["image_name"]).isdisjoint(scored["image_name"])
-    assert "holdout: 11 photos set aside before the folds" in result.stdout
+    assert set(oof["observation_uuid"]).isdisjoint(scored["observation_uuid"])
+    assert "holdout: 13 photos (13 observations) set aside before the folds" in result.stdout
 
     report = (data / "report.md").read_text()
     assert "## Holdout: the served model on photos it never saw" in report
-    assert f"**Holdout macro-F1: {held['macro_f1']:.3f}**" in report
+    assert report.startswith(
+        "# Species classifier: cross-validation report\n\n"
+        f"**Holdout macro-F1: {held['macro_f1']:.3f}** (95% interval "
+        f"{held['macro_f1_ci95'][0]:.2f}-{held['macro_f1_ci95'][1]:.2f})"
+    )
     assert (data / "confusion_holdout_normalized.png").stat().st_size > 0
 
     description = read_description(base / "model")
     assert description.temperature == metrics["calibration"]["temperature"]
     assert description.calibration["applied"] == metrics["calibration"]["applied"]
+    assert description.abstain_below == metrics["abstain"]["abstain_below"]

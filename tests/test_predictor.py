@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from serving_helpers import CLASSES, make_bundle, photo
-from species_classifier.artifacts import load_members, read_description
+from species_classifier.artifacts import BundleError, load_members, read_description
 from species_classifier.ensemble import (
     PADDED_SIZES,
     Ensemble,
@@ -182,3 +182,23 @@ def test_the_temperature_in_model_json_divides_each_members_logits(tmp_path, pix
     assert answer["confidence"] == pytest.approx(mean.max() / mean.sum(), abs=1e-6)
     # Softening spreads the probability: the calibrated top class is less confident.
     assert answer["confidence"] < plain.predict(images[:1])[0]["confidence"]
+
+
+def test_unsure_follows_abstain_below_in_model_json_unless_overridden(tmp_path, pixels):
+    model_dir = make_bundle(tmp_path / "model", img_size=IMG_SIZE, members=2)
+    images = list(pixels.numpy())
+    confidences = [
+        a["confidence"] for a in predictor_for(model_dir, engine="eager").predict(images)
+    ]
+    middle = float(np.median(confidences))
+    document = json.loads((model_dir / "model.json").read_text())
+    assert document["abstain_below"] == 0.0  # a bundle without a threshold: never unsure
+    (model_dir / "model.json").write_text(json.dumps({**document, "abstain_below": middle}))
+    answers = predictor_for(model_dir, engine="eager").predict(images)
+    assert [a["unsure"] for a in answers] == [c < middle for c in confidences]
+    assert any(a["unsure"] for a in answers) and not all(a["unsure"] for a in answers)
+    overridden = predictor_for(model_dir, engine="eager", abstain_below=0.0).predict(images)
+    assert not any(a["unsure"] for a in overridden)
+    (model_dir / "model.json").write_text(json.dumps({**document, "abstain_below": 1.5}))
+    with pytest.raises(BundleError, match="abstain_below 1.5: it must be a number from 0 to 1"):
+        read_description(model_dir)

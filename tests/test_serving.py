@@ -35,12 +35,17 @@ from species_classifier.predictor import Batcher
 from species_classifier.serve import ServerConfig
 
 MB = 1024 * 1024
+# The bundle's model.json abstain_below: the random members' confidences fall both sides.
+ABSTAIN_BELOW = 0.3
 
 
 @pytest.fixture(scope="module")
 def bundle_base(tmp_path_factory):
     base = tmp_path_factory.mktemp("opt_ml")
     make_bundle(base / "model")
+    description = base / "model" / "model.json"
+    document = json.loads(description.read_text())
+    description.write_text(json.dumps({**document, "abstain_below": ABSTAIN_BELOW}))
     return base
 
 
@@ -55,14 +60,16 @@ def invoke(server, body, content_type="image/jpeg", **headers) -> requests.Respo
     return requests.post(f"{server.url}/invocations", data=body, headers=headers, timeout=60)
 
 
-def assert_answer(answer: dict) -> None:
+def assert_answer(answer: dict, abstain_below: float = ABSTAIN_BELOW) -> None:
     assert set(answer) == {
         "predicted_species",
         "confidence",
         "class_probabilities",
         "individual_fold_predictions",
         "fold_details",
+        "unsure",
     }
+    assert answer["unsure"] is (answer["confidence"] < abstain_below)
     probabilities = answer["class_probabilities"]
     assert list(probabilities) == CLASSES
     assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-9)
@@ -302,6 +309,9 @@ def test_the_seeds_json_client_reads_one_species_name_per_fold(server):
     names = answer["individual_fold_predictions"]
     assert len(names) == 3 and all(name in CLASSES for name in names)
     assert [detail["predicted_species"] for detail in answer["fold_details"]] == names
+    # The seed's client reads these fields, as it always did.
+    assert answer["predicted_species"] in CLASSES and 0 < answer["confidence"] <= 1
+    assert set(answer["class_probabilities"]) == set(CLASSES)
 
 
 def test_a_body_over_the_limit_reaches_urllib_as_a_json_413(server):
@@ -397,6 +407,8 @@ def test_environment_configures_workers_payload_limit_and_graceful_sigterm(bundl
         SAGEMAKER_MODEL_SERVER_TIMEOUT="30",
         # Eager skips measuring the frozen graph in each of the two workers.
         SPECIES_SERVE_ENGINE="eager",
+        # Overrides model.json's ABSTAIN_BELOW: every answer is less confident than 1.
+        SPECIES_ABSTAIN_BELOW="1",
     )
     try:
         server.wait_ready()
@@ -424,7 +436,10 @@ def test_environment_configures_workers_payload_limit_and_graceful_sigterm(bundl
     # The request was in flight when SIGTERM came, and still got its full answer.
     assert result["answered_at"] > stopped_at
     assert result["response"].status_code == 200
-    assert len(result["response"].json()["predictions"]) == 64
+    predictions = result["response"].json()["predictions"]
+    assert len(predictions) == 64
+    for answer in predictions:
+        assert_answer(answer, abstain_below=1.0)
 
 
 def test_server_config_defaults_and_errors_that_name_the_variable(tmp_path):
@@ -433,6 +448,8 @@ def test_server_config_defaults_and_errors_that_name_the_variable(tmp_path):
     assert (config.port, config.timeout_s, config.max_payload_mb) == (8080, 60, 6)
     assert config.workers >= 1
     assert (config.dtype, config.engine, config.compile_model) == (None, "auto", False)
+    assert config.abstain_below is None  # model.json's
+    assert ServerConfig.from_environment({"SPECIES_ABSTAIN_BELOW": "0.8"}).abstain_below == 0.8
     config = ServerConfig.from_environment(
         {
             "SPECIES_SERVE_DTYPE": "BFloat16",
@@ -448,6 +465,8 @@ def test_server_config_defaults_and_errors_that_name_the_variable(tmp_path):
         ("SPECIES_SERVE_DTYPE", "fp8"),
         ("SPECIES_SERVE_ENGINE", "fast"),
         ("SPECIES_SERVE_COMPILE", "yes"),
+        ("SPECIES_ABSTAIN_BELOW", "1.5"),
+        ("SPECIES_ABSTAIN_BELOW", "sure"),
     ]:
         with pytest.raises(ServerConfigError, match=name):
             ServerConfig.from_environment({name: value})

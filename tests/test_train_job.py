@@ -6,6 +6,7 @@ import csv
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 from job_helpers import failure_text, run_train, write_hyperparameters
@@ -13,6 +14,15 @@ from photos import cmyk_jpeg, exif_rotated_jpeg, greyscale_jpeg, sixteen_bit_png
 from species_classifier.artifacts import load_members, read_description
 from species_classifier.contract import metric_lines
 from species_classifier.demo_data import pretrain_stand_in_weights
+
+
+def macro_f1_of(confusion: list[list[int]]) -> float:
+    """Mean over classes of 2 TP / (photos of the class + photos called the class)."""
+    matrix = np.array(confusion)
+    both = matrix.sum(axis=1) + matrix.sum(axis=0)
+    return float(
+        np.mean(np.divide(2 * np.diag(matrix), both, out=np.zeros(len(matrix)), where=both > 0))
+    )
 
 
 @pytest.mark.slow
@@ -33,12 +43,16 @@ def test_three_fold_job_writes_every_output(job):
     assert metrics["classes"] == classes
     assert [f["fold"] for f in metrics["folds"]] == [1, 2, 3]
     for fold in metrics["folds"]:
-        assert 1 <= fold["best_epoch"] <= 2 and 0 <= fold["macro_f1"] <= 1
+        assert 1 <= fold["best_epoch"] <= 2
+        assert fold["macro_f1"] == pytest.approx(macro_f1_of(fold["confusion_matrix"]))
         assert len(fold["confusion_matrix"]) == 5 and len(fold["history"]) == fold["epochs_run"]
         assert set(fold["per_class"]["other"]) == {"precision", "recall", "f1", "support"}
     pooled = metrics["out_of_fold"]
     assert sum(map(sum, pooled["confusion_matrix"])) == 42  # every photo validated once
-    assert metrics["std_macro_f1"] >= 0 and 0 <= metrics["mean_macro_f1"] <= 1
+    fold_f1 = [fold["macro_f1"] for fold in metrics["folds"]]
+    assert metrics["mean_macro_f1"] == pytest.approx(np.mean(fold_f1))
+    assert metrics["std_macro_f1"] == pytest.approx(np.std(fold_f1))
+    assert pooled["macro_f1"] == pytest.approx(macro_f1_of(pooled["confusion_matrix"]))
 
     data = base / "output" / "data"
     for name in [
@@ -55,7 +69,14 @@ def test_three_fold_job_writes_every_output(job):
     assert len(rows) == 42 and {r["fold"] for r in rows} == {"1", "2", "3"}
     probabilities = [float(rows[0][f"prob_{c}"]) for c in classes]
     assert abs(sum(probabilities) - 1) < 1e-4
-    assert "Mean macro-F1 over 3 fold(s)" in (data / "report.md").read_text()
+    # The demo CSV has observation_uuid: grouped by observation, each in one fold only.
+    folds_of = {}
+    for row in rows:
+        folds_of.setdefault(row["observation_uuid"], set()).add(row["fold"])
+    assert all(len(folds) == 1 for folds in folds_of.values())
+    report = (data / "report.md").read_text()
+    assert f"mean macro-F1 over 3 fold(s): {metrics['mean_macro_f1']:.3f}" in report
+    assert "Splits drawn by observation (column `observation_uuid`)" in report
 
     description = read_description(base / "model")
     assert description.classes == classes and description.img_size == 48
@@ -125,7 +146,7 @@ BAD_INPUTS = {
             p.write_bytes(b"not a jpeg")
             for p in sorted((csv_path(base).parent / "images" / "Zenaida_macroura").iterdir())[:4]
         ],
-        r"too few photos for k_folds=3 after leaving out 4 unreadable photo\(s\): 'Zenaida macroura' has 2",
+        r"too few observations for k_folds=3 after leaving out 4 unreadable photo\(s\): 'Zenaida macroura' has 2",
     ),
 }
 

@@ -54,6 +54,9 @@ class BundleDescription:
     # error. `calibration` says which: ece_before, ece_after, applied, fitted_temperature.
     temperature: float = 1.0
     calibration: dict = field(default_factory=dict)
+    # Answers less confident than this are served with "unsure": true (0: never); chosen on
+    # the out-of-fold predictions for the min_precision hyperparameter (scoring.py).
+    abstain_below: float = 0.0
     training: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
@@ -98,6 +101,15 @@ def read_description(model_dir: Path) -> BundleDescription:
         or not (math.isfinite(temperature) and temperature > 0)
     ):
         raise BundleError(f"{path} has temperature {temperature!r}: it must be a number above 0")
+    threshold = description.abstain_below
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, int | float)
+        or not 0 <= threshold <= 1
+    ):
+        raise BundleError(
+            f"{path} has abstain_below {threshold!r}: it must be a number from 0 to 1"
+        )
     return description
 
 

@@ -1,14 +1,19 @@
 """Cross-validation results: metrics per fold and pooled out-of-fold, plots and the report.
 
 Everything lands in /opt/ml/output/data (uploaded as output.tar.gz):
-    metrics.json                per-fold, pooled and holdout metrics, calibration
-    oof_predictions.csv         one row per photo: fold, true and predicted label, probabilities
+    metrics.json                per-fold, pooled and holdout metrics with 95% intervals,
+                                grouping, calibration, the abstain threshold
+    oof_predictions.csv         one row per photo: its group, fold, true and predicted label,
+                                probabilities
     holdout_predictions.csv     the same for the holdout photos (holdout_fraction > 0)
     per_class_metrics.csv       precision, recall, F1 and support per class, per scope
+    lookalikes.csv              per species of the CSV: photos per predicted class, per scope
     skipped_images.csv          photos left out, with the reason (only when there are any)
     curves.png                  every fold's loss and macro-F1 per epoch, in one figure
-    confusion_*.png             raw and row-normalised confusion matrices, per fold and pooled
+    confusion_*.png             confusion matrices per fold, pooled and holdout: counts, and
+                                row rates with the counts beside them
     reliability.png             confidence against accuracy, before and after the temperature
+    coverage.png                share answered against their accuracy, abstain point marked
     mistakes_confident.png      contact sheet: the most confident wrong out-of-fold answers
     right_unsure.png            contact sheet: the least confident right ones
     report.md                   the summary a person reads first
@@ -22,77 +27,30 @@ import csv
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageOps
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from species_classifier.calibration import apply_temperature, calibrate, reliability
-from species_classifier.dataset import LabelledPhotos
+from species_classifier.dataset import GROUP_NOUNS, OTHER, LabelledPhotos
+from species_classifier.holdout import HoldoutResult
+from species_classifier.scoring import (
+    choose_abstain_threshold,
+    classification_metrics,
+    coverage_curve,
+    lookalike_table,
+    predictions_frame,
+    with_intervals,
+)
 from species_classifier.state import FoldState
-
-if TYPE_CHECKING:
-    from species_classifier.holdout import HoldoutResult
 
 # Photos per contact sheet, and their grid.
 SHEET_COLUMNS, SHEET_ROWS = 4, 3
 THUMBNAIL_PX = 160
 DPI = 80
-
-
-def per_class_frame(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> pd.DataFrame:
-    """One row per class: precision, recall, F1 and support."""
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=list(range(len(classes))), zero_division=0
-    )
-    return pd.DataFrame(
-        {"precision": precision, "recall": recall, "f1": f1, "support": support},
-        index=pd.Index(classes, name="class"),
-    )
-
-
-def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
-    per_class = per_class_frame(y_true, y_pred, classes)
-    matrix = confusion_matrix(y_true, y_pred, labels=list(range(len(classes))))
-    row_sums = matrix.sum(axis=1, keepdims=True)
-    normalised = np.divide(matrix, row_sums, out=np.zeros(matrix.shape), where=row_sums > 0)
-    return {
-        "macro_f1": float(per_class["f1"].mean()),
-        "accuracy": float((y_true == y_pred).mean()),
-        "per_class": {
-            name: {
-                "precision": float(row.precision),
-                "recall": float(row.recall),
-                "f1": float(row.f1),
-                "support": int(row.support),
-            }
-            for name, row in per_class.iterrows()
-        },
-        "confusion_matrix": matrix.tolist(),
-        "confusion_matrix_normalized": np.round(normalised, 4).tolist(),
-    }
-
-
-def predictions_frame(
-    photos: LabelledPhotos, rows: np.ndarray, probs: np.ndarray, channel_dir: Path
-) -> pd.DataFrame:
-    """One row per photo (photos' rows `rows`): names, true and predicted class, probabilities."""
-    classes = np.array(photos.classes)
-    described = pd.DataFrame(
-        {
-            "image_name": [str(photos.paths[r].relative_to(channel_dir)) for r in rows],
-            "species_name": [photos.species[r] for r in rows],
-            "true_label": classes[photos.labels[rows]],
-            "predicted_label": classes[probs.argmax(axis=1)],
-            "confidence": probs.max(axis=1),
-        }
-    )
-    probabilities = pd.DataFrame(probs, columns=[f"prob_{name}" for name in photos.classes])
-    return pd.concat([described, probabilities], axis=1)
 
 
 def out_of_fold_frame(
@@ -105,7 +63,7 @@ def out_of_fold_frame(
     frames = []
     for state, val_index in zip(folds, fold_indices, strict=True):
         frame = predictions_frame(photos, val_index, state.best_val_probs.numpy(), channel_dir)
-        frame.insert(2, "fold", state.fold)
+        frame.insert(frame.columns.get_loc("species_name") + 1, "fold", state.fold)
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)
 
@@ -117,9 +75,13 @@ def summarize(
     skipped: int,
     *,
     final_model: dict,
+    seed: int,
+    min_precision: float,
 ) -> dict:
-    """metrics.json: per fold (best epoch), mean and std over folds, pooled out-of-fold,
-    and the calibration of the out-of-fold confidences with the temperature to serve."""
+    """metrics.json: per fold (best epoch), mean and std over folds, pooled out-of-fold with
+    95% bootstrap intervals over the groups, how the photos were grouped, the calibration of
+    the out-of-fold confidences with the temperature to serve, and the confidence below which
+    serving answers "unsure" so that the answers it gives reach `min_precision`."""
     fold_entries = []
     for state, val_index in zip(folds, fold_indices, strict=True):
         fold_entries.append(
@@ -135,16 +97,35 @@ def summarize(
         )
     fold_f1 = np.array([f["macro_f1"] for f in fold_entries])
     pooled_probs = np.concatenate([s.best_val_probs.numpy() for s in folds]).astype(np.float64)
-    pooled_true = np.concatenate([photos.labels[v] for v in fold_indices])
+    pooled_rows = np.concatenate(fold_indices)
+    pooled_true, pooled_pred = photos.labels[pooled_rows], pooled_probs.argmax(axis=1)
+    calibration = calibrate(pooled_probs, pooled_true).to_dict()
+    # The threshold applies to what serving answers: confidences after its temperature.
+    served = apply_temperature(pooled_probs, calibration["temperature"])
+    groups = photos.group_ids()
     return {
         "classes": photos.classes,
+        "grouping": {
+            "group_by": photos.group_by,
+            "column": photos.group_column,
+            "groups": int(len(np.unique(groups))),
+            "photos": len(photos.labels),
+        },
         "folds": fold_entries,
         "mean_macro_f1": float(fold_f1.mean()),
         "std_macro_f1": float(fold_f1.std()),
-        "out_of_fold": classification_metrics(
-            pooled_true, pooled_probs.argmax(axis=1), photos.classes
+        "out_of_fold": with_intervals(
+            classification_metrics(pooled_true, pooled_pred, photos.classes),
+            pooled_true,
+            pooled_pred,
+            groups[pooled_rows],
+            photos.classes,
+            seed,
         ),
-        "calibration": calibrate(pooled_probs, pooled_true).to_dict(),
+        "calibration": calibration,
+        "abstain": choose_abstain_threshold(
+            served.max(axis=1), pooled_pred == pooled_true, min_precision
+        ),
         "photos": {
             "used": len(photos.labels),
             "skipped": skipped,
@@ -177,6 +158,12 @@ def write_outputs(
     _per_class_table(metrics).to_csv(
         output_dir / "per_class_metrics.csv", index=False, float_format="%.4f"
     )
+    lookalikes = {"out_of_fold": lookalike_table(oof, photos.classes, OTHER)}
+    if holdout is not None:
+        lookalikes["holdout"] = lookalike_table(holdout.predictions, photos.classes, OTHER)
+    pd.concat(lookalikes, names=["scope", None]).reset_index(level="scope").to_csv(
+        output_dir / "lookalikes.csv", index=False
+    )
 
     classes = photos.classes
     _save(_curves_figure(folds), output_dir / "curves.png")
@@ -191,12 +178,17 @@ def write_outputs(
         _reliability_figure(probs, labels, metrics["calibration"]),
         output_dir / "reliability.png",
     )
+    served = apply_temperature(probs, metrics["calibration"]["temperature"])
+    _save(
+        _coverage_figure(served.max(axis=1), served.argmax(axis=1) == labels, metrics["abstain"]),
+        output_dir / "coverage.png",
+    )
     sheets = {}
     for name, chosen, title in _sheet_choices(oof):
         if len(chosen):
             _save(_contact_sheet(chosen, channel_dir, title), output_dir / f"{name}.png")
         sheets[name] = len(chosen)
-    (output_dir / "report.md").write_text(render_report(metrics, settings, sheets))
+    (output_dir / "report.md").write_text(render_report(metrics, settings, sheets, lookalikes))
 
 
 def write_skipped(path: Path, skipped: list[tuple[str, str, str]]) -> None:
@@ -316,6 +308,41 @@ def _reliability_figure(probs: np.ndarray, labels: np.ndarray, calibration: dict
     return figure
 
 
+def _coverage_figure(confidence: np.ndarray, correct: np.ndarray, abstain: dict) -> Figure:
+    """The accuracy of the answers given against the share of photos answered, as the model
+    abstains below ever higher confidence; the point `serve` uses is marked."""
+    curve = coverage_curve(confidence, correct)
+    figure = Figure(figsize=(6, 4.5), layout="constrained")
+    axis = figure.subplots()
+    axis.plot(curve["coverage"], curve["precision"], marker=".", label="out-of-fold answers")
+    axis.axhline(
+        abstain["min_precision"],
+        color="grey",
+        ls=":",
+        label=f"min_precision {abstain['min_precision']:g}",
+    )
+    if abstain["reached"]:
+        axis.plot(
+            abstain["coverage"],
+            abstain["precision"],
+            marker="*",
+            markersize=14,
+            color="C3",
+            ls="none",
+            label=f"served: unsure below {abstain['abstain_below']:.3f}",
+        )
+    axis.set(
+        title="Answer fewer photos, get more of them right",
+        xlabel="coverage (share of photos answered, not unsure)",
+        ylabel="accuracy of the answers given",
+        xlim=(0, 1.02),
+        ylim=(0, 1.02),
+    )
+    axis.legend(loc="lower left")
+    axis.grid(alpha=0.3)
+    return figure
+
+
 def _contact_sheet(chosen: pd.DataFrame, channel_dir: Path, title: str) -> Figure:
     """Thumbnails in a grid, each captioned with the true and predicted class and confidence."""
     rows = -(-len(chosen) // SHEET_COLUMNS)
@@ -351,44 +378,60 @@ def _thumbnail(path: Path) -> np.ndarray:
 
 
 def _plot_confusions(output_dir: Path, name: str, metrics: dict, classes: list[str]) -> None:
-    for key, suffix, fmt in (
-        ("confusion_matrix", "", "d"),
-        ("confusion_matrix_normalized", "_normalized", ".2f"),
+    """Counts; and row rates, each cell with its count and each row with its photos, so a
+    rate of 1.00 that rests on two photos says so."""
+    counts = np.array(metrics["confusion_matrix"])
+    rows = counts.sum(axis=1)
+    for suffix, matrix in (
+        ("", counts),
+        ("_normalized", np.array(metrics["confusion_matrix_normalized"])),
     ):
-        matrix = np.array(metrics[key])
         size = 1.2 * len(classes) + 3
         figure = Figure(figsize=(size, size), layout="constrained")
         axis = figure.subplots()
         axis.imshow(matrix, cmap="Blues", vmin=0)
         axis.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-        axis.set_yticks(range(len(classes)), classes)
+        if suffix:
+            labels = [f"{c}\n({n} photos)" for c, n in zip(classes, rows, strict=True)]
+        else:
+            labels = classes
+        axis.set_yticks(range(len(classes)), labels)
         axis.set(xlabel="predicted", ylabel="true", title=f"Confusion matrix ({name}{suffix})")
         threshold = matrix.max() / 2 if matrix.size else 0
         for (i, j), value in np.ndenumerate(matrix):
             colour = "white" if value > threshold else "black"
-            axis.text(j, i, format(value, fmt), ha="center", va="center", color=colour)
+            text = f"{value:.2f}\n({counts[i, j]})" if suffix else str(value)
+            axis.text(j, i, text, ha="center", va="center", color=colour)
         _save(figure, output_dir / f"confusion_{name}{suffix}.png")
 
 
-def render_report(metrics: dict, settings: dict, sheets: dict[str, int]) -> str:
-    """report.md; `sheets` maps each contact sheet's file stem to its photo count."""
+def render_report(
+    metrics: dict, settings: dict, sheets: dict[str, int], lookalikes: dict[str, pd.DataFrame]
+) -> str:
+    """report.md; `sheets` maps each contact sheet's file stem to its photo count,
+    `lookalikes` each scope (out_of_fold, holdout) to its lookalike_table."""
     pooled = metrics["out_of_fold"]
-    lines = [
-        "# Species classifier: cross-validation report",
-        "",
-        f"**Mean macro-F1 over {len(metrics['folds'])} fold(s): "
-        f"{metrics['mean_macro_f1']:.3f} ± {metrics['std_macro_f1']:.3f}** "
-        f"(pooled out-of-fold: {pooled['macro_f1']:.3f}, accuracy {pooled['accuracy']:.3f})",
-        "",
-    ]
+    lines = ["# Species classifier: cross-validation report", ""]
     if "holdout" in metrics:
         holdout = metrics["holdout"]
         lines += [
-            f"**Holdout macro-F1: {holdout['macro_f1']:.3f}** (accuracy {holdout['accuracy']:.3f}, "
-            f"{holdout['count']} photos never used in training): the number to quote, see below.",
+            f"**Holdout macro-F1: {holdout['macro_f1']:.3f}** (95% interval "
+            f"{_interval(holdout['macro_f1_ci95'])}), accuracy {holdout['accuracy']:.3f} "
+            f"({_interval(holdout['accuracy_ci95'])}): {holdout['count']} photos never used "
+            "in training, the number to quote, see below.",
             "",
         ]
     lines += [
+        f"**Pooled out-of-fold macro-F1: {pooled['macro_f1']:.3f}** (95% interval "
+        f"{_interval(pooled['macro_f1_ci95'])}), accuracy {pooled['accuracy']:.3f} "
+        f"({_interval(pooled['accuracy_ci95'])}); mean macro-F1 over "
+        f"{len(metrics['folds'])} fold(s): {metrics['mean_macro_f1']:.3f} ± "
+        f"{metrics['std_macro_f1']:.3f}.",
+        "",
+        _grouping_line(metrics["grouping"], settings.get("group_by")),
+        "",
+        _abstain_line(metrics["abstain"], metrics.get("holdout")),
+        "",
         f"Photos used: {metrics['photos']['used']}, left out as unreadable: "
         f"{metrics['photos']['skipped']}"
         + (" (see skipped_images.csv)" if metrics["photos"]["skipped"] else ""),
@@ -423,37 +466,130 @@ def render_report(metrics: dict, settings: dict, sheets: dict[str, int]) -> str:
         "",
         "![pooled confusion matrix](confusion_pooled_normalized.png)",
         "",
+        "## Look-alikes: which species are called what (pooled out-of-fold)",
+        "",
+        *_lookalike_lines(lookalikes["out_of_fold"], metrics["classes"]),
+        "",
     ]
     if "holdout" in metrics:
-        lines += _holdout_lines(metrics["holdout"])
+        lines += _holdout_lines(metrics["holdout"], lookalikes["holdout"], metrics["classes"])
     lines += _calibration_lines(metrics["calibration"])
+    lines += _abstain_lines(metrics["abstain"])
     lines += _mistakes_lines(sheets)
     lines += ["## Settings", "", "```json", json.dumps(settings, indent=2), "```", ""]
     return "\n".join(lines)
 
 
+def _interval(bounds: list[float] | None) -> str:
+    return "n/a" if bounds is None else f"{bounds[0]:.2f}-{bounds[1]:.2f}"
+
+
+def _grouping_line(grouping: dict, asked: str | None) -> str:
+    if grouping["group_by"] == "none":
+        why = "as asked" if asked == "none" else "the CSV has no `observation_uuid` column"
+        return (
+            f"Splits drawn photo by photo (group_by none: {why}): the folds' "
+            f"{grouping['photos']} photos. "
+            "Photos of one observation may sit on both sides of a split, where near-copies "
+            "flatter every score."
+        )
+    noun = GROUP_NOUNS[grouping["group_by"]]
+    return (
+        f"Splits drawn by {grouping['group_by']} (column `{grouping['column']}`): the folds' "
+        f"{grouping['photos']} photos come from {grouping['groups']} {noun}; no "
+        f"{grouping['group_by']} is on both sides of the holdout or of any fold, and the "
+        f"intervals resample whole {noun}."
+    )
+
+
+def _abstain_line(abstain: dict, holdout: dict | None) -> str:
+    if not abstain["reached"]:
+        return (
+            f"**Unsure: always.** No confidence threshold lets the out-of-fold answers reach "
+            f"min_precision {abstain['min_precision']:g}, so `serve` marks every answer "
+            '`"unsure": true`: lower min_precision or improve the model.'
+        )
+    line = (
+        f"**Unsure below confidence {abstain['abstain_below']:.4f}:** `serve` marks answers "
+        f'less confident than that `"unsure": true`, so that the rest reach precision '
+        f"{abstain['min_precision']:g}. On the out-of-fold photos it answers "
+        f"{abstain['coverage']:.0%} of them, {abstain['precision']:.1%} right"
+    )
+    if holdout is None:
+        return line + "."
+    answered = holdout["answered"]
+    if answered["precision"] is None:
+        return line + "; on the holdout it answers none."
+    return (
+        line + f"; on the holdout (the served model) {answered['coverage']:.0%}, "
+        f"{answered['precision']:.1%} right."
+    )
+
+
+def _lookalike_lines(table: pd.DataFrame, classes: list[str]) -> list[str]:
+    lines = [
+        "Photos per species of the CSV (rows) and the class the model gave them (columns). "
+        "Costly errors first: species behind `other` called a target species, then targets "
+        "missed.",
+        "",
+        "| species | class | photos | " + " | ".join(f"→ {c}" for c in classes) + " | wrong |",
+        "|---|---|---|" + "---|" * len(classes) + "---|",
+    ]
+    for species, label, photos, *counts, wrong in table.itertuples(index=False, name=None):
+        cells = " | ".join(map(str, counts))
+        lines.append(f"| {species} | {label} | {photos} | {cells} | {wrong} |")
+    return lines
+
+
 def _per_class_lines(scores: dict) -> list[str]:
-    lines = ["| class | precision | recall | F1 | photos |", "|---|---|---|---|---|"]
+    lines = [
+        "| class | precision | recall | F1 | F1 95% interval | photos |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, s in scores["per_class"].items():
         lines.append(
-            f"| {name} | {s['precision']:.3f} | {s['recall']:.3f} | {s['f1']:.3f} | {s['support']} |"
+            f"| {name} | {s['precision']:.3f} | {s['recall']:.3f} | {s['f1']:.3f} | "
+            f"{_interval(s['f1_ci95'])} | {s['support']} |"
         )
     return lines
 
 
-def _holdout_lines(holdout: dict) -> list[str]:
+def _holdout_lines(holdout: dict, lookalikes: pd.DataFrame, classes: list[str]) -> list[str]:
     unreadable = f", {holdout['unreadable']} unreadable left out" if holdout["unreadable"] else ""
     return [
         "## Holdout: the served model on photos it never saw",
         "",
-        f"{holdout['count']} photos{unreadable}, set aside (stratified) before the folds were "
-        "made, scored once by the model bundle exactly as `serve` answers. "
-        f"Macro-F1 {holdout['macro_f1']:.3f}, accuracy {holdout['accuracy']:.3f}, "
-        f"expected calibration error {holdout['ece']:.3f}.",
+        f"{holdout['count']} photos{unreadable}, set aside (whole groups, stratified as closely "
+        "as they allow) before the folds were made, scored once by the model bundle exactly as "
+        f"`serve` answers. Macro-F1 {holdout['macro_f1']:.3f} "
+        f"({_interval(holdout['macro_f1_ci95'])}), accuracy {holdout['accuracy']:.3f} "
+        f"({_interval(holdout['accuracy_ci95'])}), expected calibration error "
+        f"{holdout['ece']:.3f}. Few photos make wide intervals, and a class right every "
+        "time gets 1.00-1.00 however few its photos: read the photos column.",
         "",
         *_per_class_lines(holdout),
         "",
         "![holdout confusion matrix](confusion_holdout_normalized.png)",
+        "",
+        "### Look-alikes on the holdout",
+        "",
+        *_lookalike_lines(lookalikes, classes),
+        "",
+    ]
+
+
+def _abstain_lines(abstain: dict) -> list[str]:
+    return [
+        '## When to answer "unsure"',
+        "",
+        "Each point: the model abstains below some confidence (after the temperature, as "
+        "`serve` computes it); x is the share of the out-of-fold photos it still answers, y "
+        "how many of those answers are right. The star is the lowest threshold whose answers "
+        f"reach min_precision {abstain['min_precision']:g}, stored in model.json as "
+        "`abstain_below`; `SPECIES_ABSTAIN_BELOW` overrides it per endpoint. The fold models "
+        "chose it; the served ensemble is usually a little less confident and more often right.",
+        "",
+        "![coverage against accuracy](coverage.png)",
         "",
     ]
 

@@ -72,10 +72,15 @@ class Predictor:
         dtype: torch.dtype | None = None,
         engine: str = "auto",
         compile_model: bool = False,
+        abstain_below: float | None = None,
     ) -> None:
         """`dtype`, `engine` and `compile_model` are build_forward's: None and "auto"
-        measure at start-up what is fastest on this device."""
+        measure at start-up what is fastest on this device. `abstain_below` overrides
+        model.json's: answers less confident than it are "unsure"."""
         self.description = read_description(model_dir)
+        self.abstain_below = (
+            self.description.abstain_below if abstain_below is None else abstain_below
+        )
         self.classes = list(self.description.classes)
         self.img_size = self.description.img_size
         self.member_names = [member.name for member in self.description.members]
@@ -164,6 +169,7 @@ class Predictor:
                     # The seed's key and shape: one species name per member.
                     "individual_fold_predictions": [d["predicted_species"] for d in details],
                     "fold_details": details,
+                    "unsure": bool(probs[best] < self.abstain_below),
                 }
             )
         return answers

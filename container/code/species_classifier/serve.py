@@ -62,6 +62,7 @@ class ServerConfig:
     dtype: torch.dtype | None = None  # None: measured at start-up
     engine: str = "auto"
     compile_model: bool = False
+    abstain_below: float | None = None  # None: model.json's
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] = os.environ) -> ServerConfig:
@@ -79,6 +80,7 @@ class ServerConfig:
             dtype=TORCH_DTYPES.get(parsed.dtype),
             engine=parsed.engine,
             compile_model=parsed.compile_model,
+            abstain_below=parsed.abstain_below,
         )
 
     @property
@@ -182,6 +184,7 @@ class ModelServer(BaseApplication):
                 dtype=config.dtype,
                 engine=config.engine,
                 compile_model=config.compile_model,
+                abstain_below=config.abstain_below,
             )
             predictor.warm_up()
         return create_app(

@@ -174,7 +174,7 @@ def run(paths: JobPaths, config: TrainingConfig, workers: Workers) -> None:
     device = workers.device()
     job_photos = load_photos(paths, config, workers, device)
     photos = job_photos.photos
-    folds = make_folds(photos.labels, config.k_folds, config.seed)
+    folds = make_folds(photos.labels, config.k_folds, config.seed, photos.groups)
     store = CheckpointStore(
         paths.checkpoint_dir, _fingerprint(config, photos, paths.training_channel)
     )
@@ -234,8 +234,10 @@ def load_photos(
     """Phase 1: the CSV's labelled photos, checked, decoded into the cache, placed for training."""
     channel = paths.training_channel
     csv_path = find_csv(channel, config.csv_file)
+    csv_rows = read_rows(csv_path, config.group_by)
+    _log.info("%s", _grouping_note(csv_rows.group_by, config.group_by))
     photos = label_photos(
-        read_rows(csv_path),
+        csv_rows,
         channel,
         config.target_species,
         config.downsample_other,
@@ -359,7 +361,13 @@ def publish(
             "train_loss": [r.train_loss for r in refit.history],
         }
     metrics = summarize(
-        finished, fold_indices, photos, skipped=job_photos.skipped, final_model=final_model
+        finished,
+        fold_indices,
+        photos,
+        skipped=job_photos.skipped,
+        final_model=final_model,
+        seed=config.seed,
+        min_precision=config.min_precision,
     )
     _log.info(
         "%s",
@@ -370,10 +378,23 @@ def publish(
     _write_model(paths, config, photos, [refit] if refit else finished, metrics, settings)
     # The bundle is written first: the holdout is scored by it, exactly as `serve` loads it.
     held_out = job_photos.held_out
-    scored = holdout.score(paths.model_dir, held_out, channel) if held_out is not None else None
+    scored = (
+        None if held_out is None else holdout.score(paths.model_dir, held_out, channel, config.seed)
+    )
     write_outputs(
         paths.output_data_dir, metrics, finished, fold_indices, photos, channel, settings, scored
     )
+
+
+def _grouping_note(group_by: str, asked: str) -> str:
+    if group_by == "none":
+        why = "asked for" if asked == "none" else "the CSV has no observation_uuid column"
+        return (
+            f"group_by none ({why}): splits are drawn photo by photo, so near-copies of one "
+            "observation may score each other"
+        )
+    how = "the CSV has observation_uuid" if asked == "auto" else "asked for"
+    return f"group_by {group_by} ({how}): no {group_by} is split between folds or the holdout"
 
 
 def _shared_cache(paths, config, photos, workers: Workers):
@@ -501,6 +522,7 @@ def _write_model(paths, config, photos, finished, metrics, settings) -> None:
         members=members,
         temperature=metrics["calibration"]["temperature"],
         calibration=metrics["calibration"],
+        abstain_below=metrics["abstain"]["abstain_below"],
         training={
             "settings": settings,
             "target_species": list(config.target_species),

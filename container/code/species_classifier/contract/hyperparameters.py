@@ -26,6 +26,7 @@ _log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 CACHE_DEVICES = ("auto", "gpu", "cpu")
 FINAL_MODELS = ("ensemble", "refit")
+GROUP_BYS = ("auto", "observation", "observer", "none")
 
 
 class ConfigError(ValueError):
@@ -53,6 +54,8 @@ class TrainingConfig:
     workers_per_host: int = 0
     final_model: str = "ensemble"
     holdout_fraction: float = 0.0
+    group_by: str = "auto"
+    min_precision: float = 0.95
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -71,8 +74,14 @@ _RANGES = {
     "decode_workers": (0, 256),
     "workers_per_host": (0, 64),
     "holdout_fraction": (0.0, 0.5),
+    "min_precision": (0.0, 1.0),
 }
-_CHOICES = {"precision": PRECISIONS, "cache_device": CACHE_DEVICES, "final_model": FINAL_MODELS}
+_CHOICES = {
+    "precision": PRECISIONS,
+    "cache_device": CACHE_DEVICES,
+    "final_model": FINAL_MODELS,
+    "group_by": GROUP_BYS,
+}
 _IGNORED_PREFIXES = ("sagemaker_", "_")
 
 

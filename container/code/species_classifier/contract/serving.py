@@ -26,6 +26,7 @@ MAX_BATCH_ENV = "MODEL_SERVER_MAX_BATCH"
 DTYPE_ENV = "SPECIES_SERVE_DTYPE"
 ENGINE_ENV = "SPECIES_SERVE_ENGINE"
 COMPILE_ENV = "SPECIES_SERVE_COMPILE"
+ABSTAIN_ENV = "SPECIES_ABSTAIN_BELOW"
 
 # The first of each is what an unset or empty variable means.
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -56,6 +57,7 @@ class ServingEnvironment:
     dtype: str
     engine: str
     compile_model: bool
+    abstain_below: float | None  # None: model.json's
 
     @classmethod
     def parse(cls, environ: Mapping[str, str] = os.environ) -> ServingEnvironment:
@@ -70,6 +72,7 @@ class ServingEnvironment:
             dtype=choice(environ, DTYPE_ENV, DTYPES),
             engine=choice(environ, ENGINE_ENV, ENGINES),
             compile_model=choice(environ, COMPILE_ENV, COMPILE_CHOICES) == "1",
+            abstain_below=share(environ, ABSTAIN_ENV),
         )
 
 
@@ -92,6 +95,23 @@ def positive_int(
         limit = f"1 to {upper}" if upper else "a positive whole number"
         raise ServerConfigError(
             f"{name}={raw!r} is not valid: set it to {limit}, or unset it for {unset or default}"
+        )
+    return value
+
+
+def share(environ: Mapping[str, str], name: str) -> float | None:
+    """The variable as a number from 0 to 1; unset or empty is None (model.json's value)."""
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1:
+        raise ServerConfigError(
+            f"{name}={raw!r} is not valid: set it to a number from 0 to 1, or unset it for "
+            "model.json's abstain_below"
         )
     return value
 
