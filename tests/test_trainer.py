@@ -134,19 +134,20 @@ def test_a_lone_last_photo_joins_the_batch_before(photos, batch_size, sizes):
 
 
 @pytest.mark.parametrize(
-    ("requested", "device", "bf16_supported", "chosen"),
+    ("requested", "device", "capability", "chosen"),
     [
-        ("auto", "cpu", False, "fp32"),
-        ("bf16", "cpu", True, "fp32"),  # a CPU trains in fp32 whatever was asked
-        ("fp16", "cpu", True, "fp32"),
-        ("auto", "cuda", True, "bf16"),
-        ("auto", "cuda", False, "fp16"),  # T4, V100: fp16 with a gradient scaler
-        ("fp32", "cuda", True, "fp32"),
-        ("fp16", "cuda", True, "fp16"),
+        ("auto", "cpu", None, "fp32"),
+        ("bf16", "cpu", None, "fp32"),  # a CPU trains in fp32 whatever was asked
+        ("fp16", "cpu", None, "fp32"),
+        ("auto", "cuda", (8, 0), "bf16"),  # A100 and newer
+        ("auto", "cuda", (7, 5), "fp16"),  # T4: fp16 with a gradient scaler, not emulated bf16
+        ("fp32", "cuda", (9, 0), "fp32"),
+        ("fp16", "cuda", (9, 0), "fp16"),
     ],
 )
-def test_precision_is_chosen_by_the_device(monkeypatch, requested, device, bf16_supported, chosen):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_supported)
+def test_precision_is_chosen_by_the_device(monkeypatch, requested, device, capability, chosen):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # emulation counts
     assert choose_precision(requested, torch.device(device)) == chosen
 
 
