@@ -49,7 +49,7 @@ ENGINE_ENV = "SPECIES_SERVE_ENGINE"
 COMPILE_ENV = "SPECIES_SERVE_COMPILE"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ENGINES = ("auto", "eager", "graph")
+ENGINES = ("auto", "eager", "graph", "onnx")
 
 DEFAULT_PORT = 8080
 DEFAULT_TIMEOUT_S = 60

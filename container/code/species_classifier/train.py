@@ -44,6 +44,7 @@ from species_classifier.dataset import (
 from species_classifier.distributed import Workers, join_process_group, launch, read_topology
 from species_classifier.evaluation import summarize, write_outputs, write_skipped
 from species_classifier.model import WeightsMissingError, build_model
+from species_classifier.onnx_export import export_onnx
 from species_classifier.paths import BASE_DIR_ENV, JobPaths
 from species_classifier.state import EpochRecord, FoldState
 from species_classifier.trainer import FoldData, FoldTrainer, TrainingStopped, format_duration
@@ -338,8 +339,10 @@ def publish(
         ),
     )
     _write_model(paths, config, photos, [refit] if refit else finished, metrics, settings)
-    # The bundle is written first: the holdout is scored by it, exactly as `serve` loads it.
     held_out = job_photos.held_out
+    # The portable copy, checked on photos the model did not train on where there are any.
+    export_onnx(paths.model_dir, (held_out if held_out is not None else photos).paths)
+    # The bundle is written first: the holdout is scored by it, exactly as `serve` loads it.
     scored = holdout.score(paths.model_dir, held_out, channel) if held_out is not None else None
     write_outputs(
         paths.output_data_dir, metrics, finished, fold_indices, photos, channel, settings, scored
