@@ -183,6 +183,9 @@ def test_species_classify_says_what_is_wrong_in_one_line(exported, torchless_env
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.count("\n") == 1
     assert f"has no checked {ONNX_FILE}: the export failed" in result.stderr
+    result = classify(torchless_env, "--model", not_a_photo, good)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "is neither a model folder nor a readable model.tar.gz" in result.stderr
 
 
 def test_onnx_runtime_serves_the_pytorch_answers(exported, photo_files, caplog):

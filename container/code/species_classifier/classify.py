@@ -93,19 +93,23 @@ def unpacked(model: Path) -> Iterator[Path]:
         return
     if not model.is_file():
         raise ModelError(f"{model} does not exist: give the model folder or model.tar.gz")
-    try:
-        with tarfile.open(model) as archive, tempfile.TemporaryDirectory() as folder:
-            wanted = [
-                member
-                for member in archive.getmembers()
-                if member.isfile() and Path(member.name).name in (DESCRIPTION_FILE, ONNX_FILE)
-            ]
-            for member in wanted:
-                member.name = Path(member.name).name
-            archive.extractall(folder, members=wanted, filter="data")
-            yield Path(folder)
-    except (tarfile.TarError, OSError) as error:
-        raise ModelError(f"{model} is not a readable model.tar.gz: {error}") from None
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            with tarfile.open(model) as archive:
+                wanted = [
+                    member
+                    for member in archive.getmembers()
+                    if member.isfile() and Path(member.name).name in (DESCRIPTION_FILE, ONNX_FILE)
+                ]
+                for member in wanted:
+                    member.name = Path(member.name).name
+                archive.extractall(folder, members=wanted, filter="data")
+        except (tarfile.TarError, OSError) as error:
+            detail = str(error).splitlines()[0].rstrip(":") if str(error) else type(error).__name__
+            raise ModelError(
+                f"{model} is neither a model folder nor a readable model.tar.gz ({detail})"
+            ) from None
+        yield Path(folder)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="CPU threads (default: every core)")
     parser.add_argument("photos", type=Path, nargs="+", metavar="PHOTO")
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads {args.threads}: give 1 or more, or leave it out for every core")
     failed = False
     try:
         with unpacked(args.model) as model_dir:
