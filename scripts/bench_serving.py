@@ -16,8 +16,8 @@ and times each server's cold start (from starting it to its first /ping 200), th
 the same requests from 1 and from 8 concurrent connections. It prints a markdown table
 (cold start, requests/s, p50 latency and the ratio to the naive server's best at each
 concurrency) with the machine it ran on and `uptime` at the start and the end, and can
-write it to a file. It runs unchanged on a GPU machine (where the engines all mean CUDA
-graphs but eager).
+write it to a file. It runs unchanged on a GPU machine (ours with `auto` alone there, unless
+--engines names others: every engine but eager means CUDA graphs on a GPU).
 
     .venv/bin/python scripts/bench_serving.py --requests 120 \
         --output docs/benchmarks/serving-cpu-run.md
@@ -68,7 +68,11 @@ def main() -> None:
         "--concurrency", type=int, nargs="+", default=[1, 8], help="concurrent connections"
     )
     parser.add_argument(
-        "--engines", nargs="+", choices=ENGINES, default=list(ENGINES), help="ours, one per run"
+        "--engines",
+        nargs="+",
+        choices=ENGINES,
+        help="ours, one server each (default: all on a CPU; auto alone on a GPU, where every "
+        "engine but eager means CUDA graphs)",
     )
     parser.add_argument("--img-size", type=int, default=240)
     parser.add_argument("--members", type=int, default=3)
@@ -85,6 +89,8 @@ def main() -> None:
         run_naive_server(int(args.naive_server[0]), Path(args.naive_server[1]))
         return
 
+    if args.engines is None:
+        args.engines = ["auto"] if torch.cuda.is_available() else list(ENGINES)
     servers = {**NAIVE, **{f"ours-{engine}": ours_label(engine) for engine in args.engines}}
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         base = Path(tmp)
