@@ -59,9 +59,12 @@ class OfflineClassifier:
                 "(the training log says why) or it was trained before ONNX export; serve it "
                 "with the image instead"
             )
-        self.classes = list(description["classes"])
-        self.img_size = int(description["img_size"])
-        self.member_names = [member["name"] for member in description["members"]]
+        try:
+            self.classes = list(description["classes"])
+            self.img_size = int(description["img_size"])
+            self.member_names = [member["name"] for member in description["members"]]
+        except (KeyError, TypeError, ValueError) as error:
+            raise ModelError(f"{path} is not a valid model description: {error!r}") from None
         self.abstain_below = description.get("abstain_below")
         self.session = open_session(model_dir / ONNX_FILE, threads or os.cpu_count() or 1)
 

@@ -121,9 +121,8 @@ def export_onnx(model_dir: Path, photo_paths: Sequence[Path]) -> dict | None:
 def _decode(photo_paths: Sequence[Path], img_size: int) -> np.ndarray:
     photos = []
     # Spread over the list (a CSV's photos come grouped by species), skipping unreadable ones.
-    for path in photo_paths[:: max(1, len(photo_paths) // CHECK_PHOTOS)]:
-        if len(photos) == CHECK_PHOTOS:
-            break
+    spread = np.unique(np.linspace(0, len(photo_paths) - 1, CHECK_PHOTOS).round().astype(int))
+    for path in [photo_paths[index] for index in spread] if photo_paths else []:
         try:
             photos.append(decode_photo(path, img_size))
         except PhotoError:
