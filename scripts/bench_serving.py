@@ -1,23 +1,26 @@
 #!/usr/bin/env python3
-"""Load benchmark: our `serve` (gunicorn, batching) against the seed's way of serving.
+"""Load benchmark: our `serve` with each CPU engine against the seed's way of serving.
 
-One run makes a model bundle (efficientnet_b1, random weights, 3 members by default) and
-~500 px JPEG photos, then, in turn, starts
-  * ours: the real container/serve, with its own defaults (it sets OMP_WAIT_POLICY=PASSIVE
-    and picks its engine by measuring at start-up), and
+One run makes a model bundle (efficientnet_b1, random weights, 3 members by default) with its
+checked model.onnx, as training writes it, and ~500 px JPEG photos, then, in turn, starts
   * naive: the seed's handler, one request at a time in a single-threaded http.server:
     PIL decode, torchvision Resize + ToTensor + Normalize, the members one after another
     in fp32 at batch 1, run twice: under torch's default OpenMP wait policy and under
     OMP_WAIT_POLICY=PASSIVE. Which one is faster depends on the machine and its load
     (PASSIVE halves it on a quiet machine, spinning collapses it on a busy one), so the
-    ratio is taken against the naive server's better figure: each server at its best,
-and sends each the same requests from N concurrent connections. It prints a markdown
-table (requests/s and p50/p95/p99 latency for each, and the ratio) with the machine it
-ran on and its load at the start and the end, and can write it to a file. It runs
-unchanged on a GPU machine.
+    ratio is taken against the naive server's better figure at each concurrency;
+  * ours: the real container/serve once per engine (SPECIES_SERVE_ENGINE: eager, graph,
+    onnx, and auto, the start-up measurement that picks the fastest), with its own defaults
+    otherwise (it sets OMP_WAIT_POLICY=PASSIVE),
+and times each server's cold start (from starting it to its first /ping 200), then sends each
+the same requests from 1 and from 8 concurrent connections. It prints a markdown table
+(cold start, requests/s, p50 latency and the ratio to the naive server's best at each
+concurrency) with the machine it ran on and `uptime` at the start and the end, and can
+write it to a file. It runs unchanged on a GPU machine (ours with `auto` alone there, unless
+--engines names others: every engine but eager means CUDA graphs on a GPU).
 
-    .venv/bin/python scripts/bench_serving.py --requests 2000 --concurrency 8 \
-        --output docs/benchmarks/serving-gpu.md
+    .venv/bin/python scripts/bench_serving.py --requests 120 \
+        --output docs/benchmarks/serving-cpu-run.md
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import torch
 from machine import describe
 from species_classifier.artifacts import load_members, read_description
 from species_classifier.demo_data import make_demo_dataset, make_random_bundle
+from species_classifier.onnx_export import export_onnx
 
 REPO = Path(__file__).resolve().parents[1]
 # The serving tests' helpers for local servers: one home for free ports and waiting for a 200.
@@ -48,19 +52,28 @@ sys.path.append(str(REPO / "tests"))
 from local_servers import free_port, wait_for_200  # noqa: E402
 
 SERVE = REPO / "container" / "serve"
-# The servers, in the order they run in each round, and how the table names them.
-SERVERS = {
+NAIVE = {
     "naive-default": "naive (seed's handler), OpenMP's default wait policy",
     "naive-passive": "naive (seed's handler), OMP_WAIT_POLICY=PASSIVE",
-    "ours": "ours (gunicorn + batching + the engine it measured)",
 }
-NAIVE = ("naive-default", "naive-passive")
+ENGINES = ("eager", "graph", "onnx", "auto")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=2000, help="per server, per round")
-    parser.add_argument("--concurrency", type=int, default=8, help="concurrent connections")
+    parser.add_argument(
+        "--requests", type=int, default=120, help="per server, per concurrency, per round"
+    )
+    parser.add_argument(
+        "--concurrency", type=int, nargs="+", default=[1, 8], help="concurrent connections"
+    )
+    parser.add_argument(
+        "--engines",
+        nargs="+",
+        choices=ENGINES,
+        help="ours, one server each (default: all on a CPU; auto alone on a GPU, where every "
+        "engine but eager means CUDA graphs)",
+    )
     parser.add_argument("--img-size", type=int, default=240)
     parser.add_argument("--members", type=int, default=3)
     parser.add_argument("--photo-size", type=int, default=500)
@@ -76,31 +89,44 @@ def main() -> None:
         run_naive_server(int(args.naive_server[0]), Path(args.naive_server[1]))
         return
 
+    if args.engines is None:
+        args.engines = ["auto"] if torch.cuda.is_available() else list(ENGINES)
+    servers = {**NAIVE, **{f"ours-{engine}": ours_label(engine) for engine in args.engines}}
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         base = Path(tmp)
+        uptime_at_start = uptime()
         print(f"making a {args.members}-member bundle at {args.img_size} px and photos ...")
         make_random_bundle(base / "model", args.img_size, args.members)
         photos = make_photos(base / "photos", args.photo_size)
-        load_at_start = load_average()
-        results: dict[str, list[dict]] = {name: [] for name in SERVERS}
+        if export_onnx(base / "model", sorted((base / "photos").glob("images/*/*.jpg"))) is None:
+            sys.exit("the ONNX export failed (see the warning above): no onnx engine to measure")
+        results: dict[str, list[dict]] = {name: [] for name in servers}
+        engines: dict[str, str] = {}
         for round_number in range(1, args.rounds + 1):
-            for name in SERVERS:
-                print(f"round {round_number}: {SERVERS[name]} ...", flush=True)
+            for name, label in servers.items():
+                print(f"round {round_number}: {label} ...", flush=True)
                 results[name].append(bench_server(name, base, photos, args))
                 print(f"  {summary_line(results[name][-1])}", flush=True)
-                engine = ours_engine(base / "ours.log")
-                # Every row on disk as it is measured: a run killed at its time limit
-                # keeps the servers it finished.
-                write_table(report(results, args, load_at_start, engine), args.output)
-    table = report(results, args, load_at_start, engine)
-    print(table)
-    write_table(table, args.output)
+                if name.startswith("ours-"):
+                    engines[name] = ours_engine(base / f"{name}.log")
+                # Every row on disk as it is measured: a run killed at its time limit (the
+                # GPU check's) keeps the servers it finished.
+                write_table(report(servers, results, engines, args, uptime_at_start), args.output)
+    lines = report(servers, results, engines, args, uptime_at_start)
+    print("\n".join(lines))
+    write_table(lines, args.output)
 
 
-def write_table(table: str, output: Path | None) -> None:
+def write_table(lines: list[str], output: Path | None) -> None:
     if output:
         output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(table)
+        output.write_text("\n".join(lines))
+
+
+def ours_label(engine: str) -> str:
+    if engine == "auto":
+        return "ours, auto (the engine its start-up measurement picked)"
+    return f"ours, SPECIES_SERVE_ENGINE={engine}"
 
 
 # --- inputs ---
@@ -121,7 +147,8 @@ def start_server(name: str, base: Path, port: int, log_path: Path) -> subprocess
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     if name == "naive-passive":
         env["OMP_WAIT_POLICY"] = "PASSIVE"
-    if name == "ours":
+    if name.startswith("ours-"):
+        env["SPECIES_SERVE_ENGINE"] = name.removeprefix("ours-")
         command = [str(SERVE)]
     else:
         command = [sys.executable, __file__, "--naive-server", str(port), str(base / "model")]
@@ -130,18 +157,24 @@ def start_server(name: str, base: Path, port: int, log_path: Path) -> subprocess
 
 
 def bench_server(name: str, base: Path, photos: list[bytes], args) -> dict:
+    """The server's cold start in seconds, and a load run at each concurrency."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = base / f"{name}.log"
+    started = time.perf_counter()
     process = start_server(name, base, port, log_path)
     try:
         try:
-            wait_for_200(f"{url}/ping", 300, process, log_path)
+            wait_for_200(f"{url}/ping", 600, process, log_path)
         except AssertionError as not_ready:
             sys.exit(f"{name}: {not_ready}")
-        # Warm-up: the first requests pay for allocations and kernel selection.
-        load(url, photos, 2 * args.concurrency, args.concurrency)
-        return load(url, photos, args.requests, args.concurrency)
+        cold_start = time.perf_counter() - started
+        runs = {}
+        for concurrency in args.concurrency:
+            # Warm-up: the first requests pay for allocations and kernel selection.
+            load(url, photos, 2 * concurrency, concurrency)
+            runs[concurrency] = load(url, photos, args.requests, concurrency)
+        return {"cold_start": cold_start, "runs": runs}
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -264,58 +297,76 @@ def stats(runs: list[dict]) -> dict:
     return {"rps": count / seconds, "p50": p50, "p95": p95, "p99": p99, "count": count}
 
 
-def summary_line(run: dict) -> str:
-    s = stats([run])
-    return (
-        f"{s['count']} requests, {s['rps']:.2f} req/s, p50 {s['p50']:.0f} ms, p99 {s['p99']:.0f} ms"
-    )
+def summary_line(result: dict) -> str:
+    parts = [f"cold start {result['cold_start']:.1f} s"]
+    for concurrency, run in result["runs"].items():
+        s = stats([run])
+        parts.append(f"c={concurrency}: {s['rps']:.2f} req/s, p50 {s['p50']:.0f} ms")
+    return "; ".join(parts)
 
 
-def report(results: dict[str, list[dict]], args, load_at_start: str, engine: str) -> str:
-    """The table of the servers measured so far; the ratio once ours and a naive one ran."""
-    figures = {name: stats(runs) for name, runs in results.items() if runs}
-    rows = [
-        "| server | requests | requests/s | p50 ms | p95 ms | p99 ms |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, label in SERVERS.items():
+def report(
+    servers: dict[str, str],
+    results: dict[str, list[dict]],
+    engines: dict[str, str],
+    args,
+    uptime_at_start: str,
+) -> list[str]:
+    """The table: per server its cold start and, per concurrency, requests/s, p50 and p95
+    latency and the ratio of its requests/s to the naive server's best at that concurrency."""
+    figures = {
+        name: {c: stats([r["runs"][c] for r in rounds]) for c in args.concurrency}
+        for name, rounds in results.items()
+        if rounds
+    }
+    measured_naive = [name for name in NAIVE if name in figures]
+    best_naive = {
+        c: max((figures[n][c]["rps"] for n in measured_naive), default=None)
+        for c in args.concurrency
+    }
+    header = ["server", "cold start s"]
+    for c in args.concurrency:
+        header += [f"c={c} req/s", f"c={c} p50 ms", f"c={c} p95 ms", f"c={c} x naive's best"]
+    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, label in servers.items():
         if name not in figures:
             continue
-        s = figures[name]
-        rows.append(
-            f"| {label} | {s['count']} | {s['rps']:.2f} | {s['p50']:.0f} | {s['p95']:.0f} "
-            f"| {s['p99']:.0f} |"
-        )
-    measured_naive = [name for name in NAIVE if name in figures]
-    if "ours" in figures and measured_naive:
-        best_naive = max(measured_naive, key=lambda name: figures[name]["rps"])
-        ours, naive = figures["ours"], figures[best_naive]
-        rows.append(
-            f"| ratio ours / naive's best ({SERVERS[best_naive].split(', ', 1)[1]}) | | "
-            f"**{ours['rps'] / naive['rps']:.2f}x** | {ours['p50'] / naive['p50']:.2f} | "
-            f"{ours['p95'] / naive['p95']:.2f} | {ours['p99'] / naive['p99']:.2f} |"
-        )
+        cold = np.mean([r["cold_start"] for r in results[name]])
+        cells = [label, f"{cold:.1f}"]
+        for c in args.concurrency:
+            s = figures[name][c]
+            ratio = (
+                ""
+                if name in NAIVE or best_naive[c] is None
+                else f"**{s['rps'] / best_naive[c]:.2f}x**"
+            )
+            cells += [f"{s['rps']:.2f}", f"{s['p50']:.0f}", f"{s['p95']:.0f}", ratio]
+        rows.append("| " + " | ".join(cells) + " |")
     settings = (
         f"efficientnet_b1, {args.members} members, {args.img_size} px, random weights; "
-        f"{args.photo_size} px JPEG photos; {args.concurrency} concurrent connections; "
-        f"{args.rounds} round(s) of {args.requests} requests per server"
+        f"{args.photo_size} px JPEG photos; {args.rounds} round(s) of {args.requests} "
+        "requests per server and concurrency, after twice the concurrency in warm-up requests"
     )
-    return "\n".join(
-        [
-            f"Machine: {describe()}; load average at the start: {load_at_start}",
-            "",
-            f"Setup: {settings}",
-            "",
-            f"Ours served with: {engine}",
-            "",
-            *rows,
-            "",
-        ]
-    )
+    return [
+        f"Machine: {describe()}",
+        "",
+        f"`uptime` at the start: {uptime_at_start}",
+        "",
+        f"`uptime` at the end: {uptime()}",
+        "",
+        f"Setup: {settings}",
+        "",
+        "What each of ours served with (its worker's start-up log line):",
+        "",
+        *[f"- {servers[name]}: {engine}" for name, engine in engines.items()],
+        "",
+        *rows,
+        "",
+    ]
 
 
-def load_average() -> str:
-    return ", ".join(f"{value:.1f}" for value in os.getloadavg())
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
 def ours_engine(log_path: Path) -> str:

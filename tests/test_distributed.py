@@ -127,7 +127,11 @@ def test_refit_trains_one_model_on_all_photos_across_workers(pristine, tmp_path)
     assert len(metrics["final_model"]["train_loss"]) == metrics["final_model"]["epochs"]
     description = read_description(base / "model")
     assert [m.name for m in description.members] == ["refit"]
-    assert sorted(p.name for p in (base / "model").iterdir()) == ["model.json", "refit.pt"]
+    assert sorted(p.name for p in (base / "model").iterdir()) == [
+        "model.json",
+        "model.onnx",
+        "refit.pt",
+    ]
     assert len(load_members(base / "model", description)) == 1
     assert "refit epoch=1/" in result.stdout
     assert (

@@ -153,3 +153,8 @@ def test_a_job_with_a_holdout_scores_it_once_and_reports_it(job):
     assert description.temperature == metrics["calibration"]["temperature"]
     assert description.calibration["applied"] == metrics["calibration"]["applied"]
     assert description.abstain_below == metrics["abstain"]["abstain_below"]
+    # The portable copy is checked on the photos the model never saw.
+    assert (base / "model" / "model.onnx").is_file()
+    assert description.onnx["check"]["photos"] == held["count"]
+    assert description.onnx["check"]["largest_probability_gap"] <= 1e-4
+    assert "model.onnx: " in result.stdout and "largest probability gap to PyTorch" in result.stdout

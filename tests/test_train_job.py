@@ -89,7 +89,11 @@ def test_three_fold_job_writes_every_output(job):
         "fold-2.pt",
         "fold-3.pt",
         "model.json",
+        "model.onnx",
     ]
+    # Without a holdout the portable copy is checked on photos spread over the training set.
+    assert description.onnx["check"]["photos"] == 32
+    assert description.onnx["check"]["largest_probability_gap"] <= 1e-4
 
     scraped = metric_lines.scrape(result.stdout)
     assert len(scraped["validation:macro_f1"]) == sum(f["epochs_run"] for f in metrics["folds"])

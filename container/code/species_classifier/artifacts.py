@@ -5,6 +5,9 @@ Layout:
                     architecture, members (one weights file each), the temperature that
                     divides the logits, and how it was trained
     fold-1.pt ...   state_dicts, loadable with torch.load(..., weights_only=True)
+    model.onnx      the same ensemble as one ONNX graph (onnx_export.py), written after the
+                    rest and described under "onnx" in model.json only once it has been
+                    checked against PyTorch; a bundle without it serves all the same
 
 The bundle is self-describing: the predictor builds its preprocessing from model.json, so
 there is no second copy of the constants that could drift from training.
@@ -20,8 +23,10 @@ from pathlib import Path
 
 import torch
 
+from species_classifier.atomic import atomic_write
 from species_classifier.imaging import IMAGENET_MEAN, IMAGENET_STD
 from species_classifier.model import ARCHITECTURE, build_model
+from species_classifier.onnx_runtime import ONNX_FILE
 
 DESCRIPTION_FILE = "model.json"
 FORMAT_VERSION = 1
@@ -58,6 +63,9 @@ class BundleDescription:
     # the out-of-fold predictions for the min_precision hyperparameter (scoring.py).
     abstain_below: float = 0.0
     training: dict = field(default_factory=dict)
+    # model.onnx's contract (onnx_runtime.contract) and its check against PyTorch; empty
+    # when the bundle has no checked model.onnx.
+    onnx: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
 
@@ -66,11 +74,19 @@ def write_bundle(
 ) -> None:
     """Write the weights of every member (keyed by member name) and model.json last."""
     model_dir.mkdir(parents=True, exist_ok=True)
+    # An earlier bundle's ONNX graph would answer with other weights than these.
+    (model_dir / ONNX_FILE).unlink(missing_ok=True)
     for member in description.members:
         cpu_state = {k: v.detach().cpu() for k, v in state_dicts[member.name].items()}
         torch.save(cpu_state, model_dir / member.weights_file)
     # model.json goes last: a bundle with a description has all its weights.
-    (model_dir / DESCRIPTION_FILE).write_text(json.dumps(asdict(description), indent=2) + "\n")
+    write_description(model_dir, description)
+
+
+def write_description(model_dir: Path, description: BundleDescription) -> None:
+    """model.json, atomically: a reader sees the old description or the new one."""
+    with atomic_write(model_dir / DESCRIPTION_FILE) as handle:
+        handle.write((json.dumps(asdict(description), indent=2) + "\n").encode())
 
 
 def read_description(model_dir: Path) -> BundleDescription:

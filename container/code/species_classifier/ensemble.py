@@ -11,9 +11,9 @@ normalisation inside, so a batch is one call and, on a GPU, one captured graph.
   running through the smallest one that holds it, so a batch costs a few launches instead
   of hundreds; `torch.compile` first when asked (minutes of compiling per size); if any of
   it fails, eager with one log line: a slower endpoint, never a dead one;
-- CPU: a frozen TorchScript graph (batch norm folded into the convolutions) or eager,
-  whichever measures faster on this machine at start-up; torch.compile (inductor) joins
-  the measurement when asked.
+- CPU: eager, a frozen TorchScript graph (batch norm folded into the convolutions) and,
+  where the bundle has a checked model.onnx, ONNX Runtime: whichever measures fastest on
+  this machine at start-up; torch.compile (inductor) joins the measurement when asked.
 """
 
 from __future__ import annotations
@@ -24,11 +24,13 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from species_classifier.gpu import serving_half_dtype
+from species_classifier.onnx_runtime import INPUT, MEMBERS_OUTPUT, open_session
 
 _log = logging.getLogger(__name__)
 
@@ -96,12 +98,14 @@ def build_forward(
     dtype: torch.dtype | None = None,
     engine: str = "auto",
     compile_model: bool = False,
+    onnx_file: Path | None = None,
 ) -> BuiltForward:
     """The ensemble on `device` in its fastest form (see the module docstring).
 
     `dtype` None measures the candidates (CUDA: bf16 or fp16 against fp32; CPU: fp32 only,
-    as reduced precision is slower on most CPUs). `engine`: "auto", "eager" or "graph"
-    (CUDA graphs on a GPU, the frozen TorchScript graph on a CPU).
+    as reduced precision is slower on most CPUs). `engine`: "auto", "eager", "graph"
+    (CUDA graphs on a GPU, the frozen TorchScript graph on a CPU) or "onnx" (ONNX Runtime
+    running `onnx_file`, the bundle's checked model.onnx; CPU only).
     """
     candidates = [dtype] if dtype else _dtype_candidates(device)
     chosen = candidates[0]
@@ -112,7 +116,9 @@ def build_forward(
         return BuiltForward(
             *cuda_graph_forward(model, device, img_size, max_batch, engine, compile_model)
         )
-    return BuiltForward(*cpu_forward(model, img_size, max_batch, engine, compile_model))
+    return BuiltForward(
+        *cpu_forward(model, img_size, max_batch, engine, compile_model, onnx_file=onnx_file)
+    )
 
 
 def _fastest_dtype(
@@ -203,7 +209,13 @@ def cuda_graph_forward(
 
 
 def cpu_forward(
-    model: Ensemble, img_size: int, max_batch: int, engine: str, compile_model: bool
+    model: Ensemble,
+    img_size: int,
+    max_batch: int,
+    engine: str,
+    compile_model: bool,
+    *,
+    onnx_file: Path | None = None,
 ) -> tuple[Forward, torch.dtype, str]:
     """The fastest of the candidates that `engine` and `compile_model` allow, timed here;
     a candidate that fails to build or run is left out with a warning."""
@@ -216,6 +228,16 @@ def cpu_forward(
             candidates["frozen graph"] = frozen_graph(model, example)
         except Exception as error:  # noqa: BLE001 - e.g. TorchScript gone from a newer torch
             _log.warning("no frozen graph (%s: %s), serving eager", type(error).__name__, error)
+            candidates.setdefault("eager", _eager(model))
+    if engine == "onnx" or (engine == "auto" and onnx_file is not None):
+        try:
+            if onnx_file is None:
+                raise FileNotFoundError(
+                    "the bundle has no checked model.onnx (its export failed, see the training log)"
+                )
+            candidates["onnx runtime"] = onnx_runtime_forward(onnx_file, torch.get_num_threads())
+        except Exception as error:  # noqa: BLE001 - e.g. a damaged file: serve the torch model
+            _log.warning("ONNX Runtime left out: %s: %s", type(error).__name__, error)
             candidates.setdefault("eager", _eager(model))
     if compile_model:
         candidates["torch.compile"] = _eager(torch.compile(model))
@@ -252,6 +274,18 @@ def frozen_graph(model: Ensemble, example: torch.Tensor) -> Forward:
             traced = torch.jit.trace(model, example, check_trace=False)
         graph = torch.jit.freeze(traced)
     return _eager(graph)
+
+
+def onnx_runtime_forward(onnx_file: Path, threads: int) -> Forward:
+    """The bundle's model.onnx in ONNX Runtime, as a forward function of the same shape:
+    uint8 photos in, members x N x classes probabilities out."""
+    session = open_session(onnx_file, threads)
+
+    def forward(pixels: torch.Tensor) -> torch.Tensor:
+        (members,) = session.run([MEMBERS_OUTPUT], {INPUT: pixels.numpy()})
+        return torch.from_numpy(members)
+
+    return forward
 
 
 def padded_sizes(max_batch: int) -> tuple[int, ...]:

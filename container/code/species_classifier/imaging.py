@@ -6,7 +6,8 @@ then normalise with the ImageNet statistics. The predictor calls `decode_photo` 
 bodies; the training cache keeps each photo at its true aspect
 (`decode_photo_true_shape`, same decoder) so crops come from the photo as it was, and
 validation warps the whole cached photo to the same square, so training and serving
-cannot disagree about orientation or colour handling.
+cannot disagree about orientation or colour handling. Decoding needs Pillow and numpy only,
+so the offline `species-classify` uses the same decoder without torch installed.
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ import functools
 import io
 import os
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -120,6 +124,8 @@ def normalize(
     std: tuple[float, ...] = IMAGENET_STD,
 ) -> torch.Tensor:
     """uint8 NHWC (or float 0-255 NCHW) pixels -> normalised float32 NCHW, channels_last."""
+    import torch  # imported here: decoding alone must work without torch (species-classify)
+
     if batch.dtype == torch.uint8:
         batch = batch.permute(0, 3, 1, 2).float()
     mean_t, std_t = normalization_constants(tuple(mean), tuple(std), batch.device)

@@ -2,11 +2,13 @@
 
 `Predictor` owns the model on its device: it reads model.json (classes, input size,
 normalisation, temperature: no second copy of those constants), builds the ensemble's
-fastest forward function for the device once (ensemble.py), and turns a list of decoded
-photos into the seed's answer per photo (argmax of the mean of the members' probabilities). `Batcher` owns the queue between request threads and
-the model: each request thread decodes its own photos, then one batching thread per
-worker process runs whatever is waiting as one forward pass, so eight concurrent requests
-cost one batch of eight, not eight batches of one.
+fastest forward function for the device once (ensemble.py: ONNX Runtime among the CPU
+candidates where the bundle has a checked model.onnx), and turns a list of decoded
+photos into the seed's answer per photo (answers.py, shared with species-classify).
+`Batcher` owns the queue between request threads and the model: each request thread
+decodes its own photos, then one batching thread per worker process runs whatever is
+waiting as one forward pass, so eight concurrent requests cost one batch of eight, not
+eight batches of one.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from species_classifier.answers import build_answers
 from species_classifier.artifacts import load_members, read_description
 from species_classifier.ensemble import Ensemble, build_forward
 from species_classifier.gpu import is_sticky_cuda_error
 from species_classifier.imaging import PhotoError, decode_photo
+from species_classifier.onnx_runtime import ONNX_FILE
 
 _log = logging.getLogger(__name__)
 
@@ -104,6 +108,7 @@ class Predictor:
             dtype=dtype,
             engine=engine,
             compile_model=compile_model,
+            onnx_file=model_dir / ONNX_FILE if self.description.onnx else None,
         )
         _log.info(
             "model loaded: %d members, %d classes, %d px, temperature %g, device %s, %s, %s, "
@@ -132,7 +137,9 @@ class Predictor:
         answers = []
         for start in range(0, len(images), self.max_batch):
             member_probs = self.probabilities(images[start : start + self.max_batch])
-            answers.extend(self._answers(member_probs))
+            answers.extend(
+                build_answers(member_probs, self.classes, self.member_names, self.abstain_below)
+            )
         return answers
 
     def probabilities(self, images: list[np.ndarray]) -> np.ndarray:
@@ -142,37 +149,6 @@ class Predictor:
             pixels = pixels.pin_memory().to(self.device, non_blocking=True)
         # Read at once: a captured graph's output is overwritten by the next batch.
         return self.built.forward(pixels).cpu().double().numpy()
-
-    def _answers(self, member_probs: np.ndarray) -> list[dict]:
-        mean = member_probs.mean(axis=0)
-        # float32 softmax sums to 1 within ~1e-7; renormalising makes the sum exact enough
-        # that clients can rely on it.
-        mean /= mean.sum(axis=1, keepdims=True)
-        answers = []
-        for photo, probs in enumerate(mean):
-            best = int(probs.argmax())
-            details = []
-            for name, member in zip(self.member_names, member_probs[:, photo], strict=True):
-                top = int(member.argmax())
-                details.append(
-                    {
-                        "fold": name,
-                        "predicted_species": self.classes[top],
-                        "confidence": float(member[top]),
-                    }
-                )
-            answers.append(
-                {
-                    "predicted_species": self.classes[best],
-                    "confidence": float(probs[best]),
-                    "class_probabilities": dict(zip(self.classes, probs.tolist(), strict=True)),
-                    # The seed's key and shape: one species name per member.
-                    "individual_fold_predictions": [d["predicted_species"] for d in details],
-                    "fold_details": details,
-                    "unsure": bool(probs[best] < self.abstain_below),
-                }
-            )
-        return answers
 
 
 @dataclass

@@ -52,6 +52,7 @@ from species_classifier.distributed import Workers, join_process_group, launch, 
 from species_classifier.evaluation import summarize, write_outputs, write_skipped
 from species_classifier.gpu import GpuUnusableError, check_host, out_of_memory_message
 from species_classifier.model import WeightsMissingError, build_model
+from species_classifier.onnx_export import export_onnx
 from species_classifier.state import EpochRecord, FoldState
 from species_classifier.trainer import FoldData, FoldTrainer, TrainingStopped, format_clock
 
@@ -376,8 +377,10 @@ def publish(
         ),
     )
     _write_model(paths, config, photos, [refit] if refit else finished, metrics, settings)
-    # The bundle is written first: the holdout is scored by it, exactly as `serve` loads it.
     held_out = job_photos.held_out
+    # The portable copy, checked on photos the model did not train on where there are any.
+    export_onnx(paths.model_dir, (held_out if held_out is not None else photos).paths)
+    # The bundle is written first: the holdout is scored by it, exactly as `serve` loads it.
     scored = (
         None if held_out is None else holdout.score(paths.model_dir, held_out, channel, config.seed)
     )

@@ -30,7 +30,7 @@ ABSTAIN_ENV = "SPECIES_ABSTAIN_BELOW"
 
 # The first of each is what an unset or empty variable means.
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-ENGINES = ("auto", "eager", "graph")
+ENGINES = ("auto", "eager", "graph", "onnx")
 COMPILE_CHOICES = ("0", "1")
 
 DEFAULT_PORT = 8080
