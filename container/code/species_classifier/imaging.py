@@ -138,6 +138,8 @@ def normalization_constants(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """normalize's (1, C, 1, 1) constants in 0-255 units, made once per device: built on
     every batch, each would be a copy to the GPU that waits for everything queued before it."""
+    import torch
+
     mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255.0
     std_t = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255.0
     return mean_t, std_t
