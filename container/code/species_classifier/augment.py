@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from species_classifier.cache import COLS, HEIGHT, ROWS, WIDTH
+from species_classifier.stores import COLS, HEIGHT, ROWS, WIDTH
 
 CROP_SCALE = (0.8, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)

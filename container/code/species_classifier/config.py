@@ -46,6 +46,7 @@ class TrainingConfig:
     workers_per_host: int = 0
     final_model: str = "ensemble"
     holdout_fraction: float = 0.0
+    photo_store: str = "auto"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -65,7 +66,12 @@ _RANGES = {
     "workers_per_host": (0, 64),
     "holdout_fraction": (0.0, 0.5),
 }
-_CHOICES = {"precision": PRECISIONS, "cache_device": CACHE_DEVICES, "final_model": FINAL_MODELS}
+_CHOICES = {
+    "precision": PRECISIONS,
+    "cache_device": CACHE_DEVICES,
+    "final_model": FINAL_MODELS,
+    "photo_store": ("auto", "uint8", "jpeg"),
+}
 _IGNORED_PREFIXES = ("sagemaker_", "_")
 
 

@@ -34,6 +34,7 @@ from species_classifier.config import TrainingConfig
 from species_classifier.imaging import normalize
 from species_classifier.model import base_learning_rate, parameter_groups, reset_head
 from species_classifier.state import EpochRecord, FoldState
+from species_classifier.stores import read_batches
 
 _log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def epoch_seed(seed: int, fold: int, epoch: int) -> int:
 
 @dataclass(frozen=True)
 class FoldData:
-    pixels: torch.Tensor  # the whole photo cache, uint8 slots NHWC, on its storage device
+    pixels: torch.Tensor  # uint8 slots NHWC on the device, or a photo store (stores.py)
     sizes: torch.Tensor  # (N, 4) int true height, width, stored rows, cols (cache.py), CPU
     labels: torch.Tensor  # int64, same order, on the CPU
     train_index: np.ndarray
@@ -263,9 +264,8 @@ class FoldTrainer:
         if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
             # A lone last photo would break batch norm in training: it joins the batch before.
             del bounds[-2]
-        for start, stop in itertools.pairwise(bounds):
-            rows = index_t[start:stop]
-            pixels = data.pixels[rows.to(data.pixels.device)]
+        row_batches = [index_t[start:stop] for start, stop in itertools.pairwise(bounds)]
+        for rows, pixels in zip(row_batches, read_batches(data.pixels, row_batches), strict=True):
             if pin:
                 pixels = pixels.pin_memory()
             yield (
