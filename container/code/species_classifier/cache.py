@@ -215,7 +215,11 @@ def _build_slots(survey, decode, workers, store_dir, sizes, failures) -> SlotSto
         # Written through a memory map straight into the page cache: never a whole copy in
         # the process, and the file is what every worker of the host then maps.
         if survey.count:
-            pixels = np.memmap(temporary, dtype=np.uint8, mode="w+", shape=shape)
+            # Reserve every block first: a memory map that runs out of disk while it is
+            # filled kills the process with SIGBUS instead of raising.
+            with open(temporary, "r+b") as reserved:
+                os.posix_fallocate(reserved.fileno(), 0, int(np.prod(shape)))
+            pixels = np.memmap(temporary, dtype=np.uint8, mode="r+", shape=shape)
             _fill_slots(pixels, survey, decode, workers)
             pixels.flush()
             del pixels

@@ -10,6 +10,7 @@ epoch checkpointed for a restarted job to continue from.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -31,6 +32,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from species_classifier import holdout, metric_lines
 from species_classifier.artifacts import BundleDescription, Member, write_bundle
+from species_classifier.atomic import NoSpaceLeft, is_full, no_space_left
 from species_classifier.cache import build_store, survey_photos
 from species_classifier.channel import find_csv
 from species_classifier.checkpoint import CheckpointStore
@@ -79,7 +81,7 @@ def main() -> int:
     except (TrainingStopped, SignalException) as stop:
         name = stop.args[0] if isinstance(stop, TrainingStopped) else stop.sigval.name
         return _fail(paths, f"Stopped by {name}", EXIT_STOPPED, detail=_resume_note(paths))
-    except (ConfigError, DatasetError, WeightsMissingError) as error:
+    except (ConfigError, DatasetError, WeightsMissingError, NoSpaceLeft) as error:
         return _fail(paths, str(error), EXIT_FAILED)
     except ChildFailedError as error:
         rank, failure = error.get_first_failure()
@@ -88,6 +90,8 @@ def main() -> int:
         )
         return _fail(paths, f"worker rank {rank} failed: {message}", EXIT_FAILED, detail=str(error))
     except Exception as error:  # noqa: BLE001 - the job's failure boundary: report, never hang
+        if is_full(error):
+            return _fail(paths, str(_full_disk(error)), EXIT_FAILED, detail=traceback.format_exc())
         reason = f"Unexpected error: {type(error).__name__}: {error}"
         return _fail(paths, reason, EXIT_FAILED, detail=traceback.format_exc())
     return 0
@@ -126,6 +130,14 @@ def _fail(paths: JobPaths, reason: str, code: int, detail: str = "") -> int:
     paths.failure_file.parent.mkdir(parents=True, exist_ok=True)
     paths.failure_file.write_text(reason + ("\n\n" + detail if detail else "") + "\n")
     return code
+
+
+def _full_disk(error: Exception) -> NoSpaceLeft:
+    """A full disk met outside the atomic writers, said as they say it."""
+    filename = Path(error.filename) if getattr(error, "filename", None) else None
+    if filename is None:
+        return no_space_left(Path.cwd(), None, f"a file ({error})")
+    return no_space_left(filename.parent, None, filename.name)
 
 
 def _resume_note(paths: JobPaths) -> str:
@@ -181,8 +193,12 @@ def run(paths: JobPaths, config: TrainingConfig, workers: Workers) -> None:
     if workers.local_rank == 0:
         # Training is over on every worker of this host: the scratch copy has served.
         shutil.rmtree(scratch_dir(paths), ignore_errors=True)
+    damaged = workers.gather_to_leader(store.damaged)
     if not workers.is_leader:
         return
+    job_photos = dataclasses.replace(
+        job_photos, damaged_checkpoints=sorted(name for names in damaged for name in names)
+    )
     settings = {
         **config.to_dict(),
         "csv": job_photos.csv_name,
@@ -214,6 +230,7 @@ class JobPhotos:
     skipped: int  # unreadable photos left out
     held_out: LabelledPhotos | None  # set aside before the folds (holdout_fraction), unread
     plan: StorePlan  # which store, where, and why
+    damaged_checkpoints: list[str] = dataclasses.field(default_factory=list)  # trained again
 
     def fold_data(self, train_index: np.ndarray, val_index: np.ndarray) -> FoldData:
         labels = torch.from_numpy(self.photos.labels)
@@ -349,6 +366,7 @@ def publish(
     metrics = summarize(
         finished, fold_indices, photos, skipped=job_photos.skipped, final_model=final_model
     )
+    metrics["damaged_checkpoints"] = job_photos.damaged_checkpoints
     _log.info(
         "%s",
         metric_lines.job_line(
@@ -358,10 +376,25 @@ def publish(
     _write_model(paths, config, photos, [refit] if refit else finished, metrics, settings)
     # The bundle is written first: the holdout is scored by it, exactly as `serve` loads it.
     held_out = job_photos.held_out
-    scored = holdout.score(paths.model_dir, held_out, channel) if held_out is not None else None
-    write_outputs(
-        paths.output_data_dir, metrics, finished, fold_indices, photos, channel, settings, scored
-    )
+    try:
+        scored = holdout.score(paths.model_dir, held_out, channel) if held_out is not None else None
+        write_outputs(
+            paths.output_data_dir,
+            metrics,
+            finished,
+            fold_indices,
+            photos,
+            channel,
+            settings,
+            scored,
+        )
+    except Exception as error:
+        if not is_full(error):
+            raise
+        # The model is whole in model/: the job is not lost for a report it could not finish.
+        _log.error(
+            "report incomplete, model complete in %s: %s", paths.model_dir, _full_disk(error)
+        )
 
 
 def _shared_store(paths, config, photos, workers: Workers, device: torch.device):
