@@ -124,12 +124,14 @@ def plan_store(
     )
 
 
-def available_host_memory(cgroup_root: Path = Path("/sys/fs/cgroup")) -> tuple[int, str]:
+def available_host_memory(
+    cgroup_root: Path = Path("/sys/fs/cgroup"), own_cgroups: Path = Path("/proc/self/cgroup")
+) -> tuple[int, str]:
     """(bytes this process's host may still use, where the figure came from): the memory
     cgroup's limit less what the cgroup holds (its reclaimable file cache excepted), when
     that is lower than the kernel's MemAvailable. cgroup v2 or v1, whichever is mounted."""
     available, source = _mem_available(), "MemAvailable"
-    for group, limit_name, usage_name, inactive_key in _memory_cgroups(cgroup_root):
+    for group, limit_name, usage_name, inactive_key in _memory_cgroups(cgroup_root, own_cgroups):
         limit = _read_int(group / limit_name)
         if limit is None or limit >= 2**60:  # "max", or v1's "no limit"
             continue
@@ -141,10 +143,10 @@ def available_host_memory(cgroup_root: Path = Path("/sys/fs/cgroup")) -> tuple[i
     return available, source
 
 
-def _memory_cgroups(root: Path) -> list[tuple[Path, str, str, str]]:
+def _memory_cgroups(root: Path, own_cgroups: Path) -> list[tuple[Path, str, str, str]]:
     """(folder, limit file, usage file, inactive-cache key) of this process's memory cgroup."""
     try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
+        lines = own_cgroups.read_text().splitlines()
     except OSError:
         return []
     found = []
