@@ -91,7 +91,8 @@ def main() -> int:
         return _fail(paths, f"worker rank {rank} failed: {message}", EXIT_FAILED, detail=str(error))
     except Exception as error:  # noqa: BLE001 - the job's failure boundary: report, never hang
         if is_full(error):
-            return _fail(paths, str(_full_disk(error)), EXIT_FAILED, detail=traceback.format_exc())
+            reason = str(_full_disk(error, paths.base))
+            return _fail(paths, reason, EXIT_FAILED, detail=traceback.format_exc())
         reason = f"Unexpected error: {type(error).__name__}: {error}"
         return _fail(paths, reason, EXIT_FAILED, detail=traceback.format_exc())
     return 0
@@ -132,12 +133,15 @@ def _fail(paths: JobPaths, reason: str, code: int, detail: str = "") -> int:
     return code
 
 
-def _full_disk(error: Exception) -> NoSpaceLeft:
-    """A full disk met outside the atomic writers, said as they say it."""
-    filename = Path(error.filename) if getattr(error, "filename", None) else None
+def _full_disk(error: Exception, folder: Path) -> NoSpaceLeft:
+    """A full disk met outside the atomic writers, said as they say it; `folder` is where
+    the write went when the error does not name its file."""
+    if isinstance(error, NoSpaceLeft):
+        return error
+    filename = getattr(error, "filename", None)
     if filename is None:
-        return no_space_left(Path.cwd(), None, f"a file ({error})")
-    return no_space_left(filename.parent, None, filename.name)
+        return no_space_left(folder, None, "a file")
+    return no_space_left(Path(filename).parent, None, Path(filename).name)
 
 
 def _resume_note(paths: JobPaths) -> str:
@@ -393,7 +397,9 @@ def publish(
             raise
         # The model is whole in model/: the job is not lost for a report it could not finish.
         _log.error(
-            "report incomplete, model complete in %s: %s", paths.model_dir, _full_disk(error)
+            "report incomplete, model complete in %s: %s",
+            paths.model_dir,
+            _full_disk(error, paths.output_data_dir),
         )
 
 
