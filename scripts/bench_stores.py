@@ -128,15 +128,15 @@ def child_store(way: str, folder: Path, count: int, img_size: int, batch_size: i
 
 
 def child_worker(img_size: int, batch_size: int) -> dict:
-    """A worker's resident memory before and after CPU training steps at this batch."""
+    """A `train` process's resident memory with its model and optimiser, and its peak after
+    CPU training steps at this batch."""
+    import species_classifier.train  # noqa: F401 - the libraries a training worker loads
+
     model, optimizer = worker()
+    base = peak_rss()
+    model.train()
     inputs = torch.randn(batch_size, 3, img_size, img_size)
     labels = torch.randint(0, NUM_CLASSES, (batch_size,))
-    model.train()
-    loss = torch.nn.functional.cross_entropy(model(inputs[:2]), labels[:2])
-    loss.backward()
-    optimizer.step()
-    base = peak_rss()
     for _ in range(2):
         optimizer.zero_grad(set_to_none=True)
         torch.nn.functional.cross_entropy(model(inputs), labels).backward()
@@ -251,21 +251,17 @@ def main() -> None:
             f"| {way} | {epoch:.1f} images/s | {alone:.0f} images/s "
             f"| {100 * epoch / rates['uint8'][0]:.0f}% |"
         )
-    workers = {
-        (b, s): run_child(args, "worker", str(s), str(b)) for b, s in ((batch, size), (8, 96))
-    }
-    base = max(w["base"] for w in workers.values())
-    per_pixel = [(w["peak"] - w["base"]) / (b * s * s) for (b, s), w in workers.items()]
+    sizes = ((16, 96), (32, 240))
+    workers = {(b, s): run_child(args, "worker", str(s), str(b)) for b, s in sizes}
+    added = {key: w["peak"] - w["base"] for key, w in workers.items()}
+    (b1, s1), (b2, s2) = sizes
+    per_pixel = (added[(b2, s2)] - added[(b1, s1)]) / (b2 * s2**2 - b1 * s1**2)
     lines += [
         "",
-        f"A training worker apart from its photos (torch, efficientnet_b1, Adam after a step): "
-        f"{base / 1e9:.2f} GB resident; CPU training adds "
-        + ", ".join(
-            f"{(w['peak'] - w['base']) / 1e9:.2f} GB at batch {b} x {s} px "
-            f"({(w['peak'] - w['base']) / (b * s * s):,.0f} bytes per input pixel)"
-            for (b, s), w in workers.items()
-        )
-        + f" (memory.py plans with the larger: {max(per_pixel):,.0f}).",
+        "A `train` worker apart from its photos (its libraries, efficientnet_b1, Adam): "
+        f"{max(w['base'] for w in workers.values()) / 1e9:.2f} GB resident; CPU training adds "
+        + ", ".join(f"{added[(b, s)] / 1e9:.2f} GB at batch {b} x {s} px" for b, s in sizes)
+        + f": {per_pixel:,.0f} bytes per input pixel of a batch.",
     ]
     publish(lines, args.output, "Photo stores", __file__)
 

@@ -25,11 +25,12 @@ from species_classifier.config import ConfigError
 
 GB = 1e9
 # Resident memory of one training worker apart from its photos, measured on the CPU with
-# scripts/bench_stores.py (docs/benchmarks/photo-stores-cpu.md): the process with torch,
-# efficientnet_b1, its optimiser and the report's libraries...
-WORKER_BASE_BYTES = 1_100_000_000
-# ... and, training on the CPU, the activations of a batch: bytes per input pixel of it.
-CPU_ACTIVATION_BYTES_PER_PIXEL = 1_500
+# scripts/bench_stores.py (docs/benchmarks/photo-stores-cpu.md): the `train` process with its
+# libraries, efficientnet_b1 and Adam (0.88 GB), rounded up...
+WORKER_BASE_BYTES = 1_000_000_000
+# ... and, training on the CPU, what a batch adds per input pixel of it (2,750 bytes: 5.2 GB
+# at batch 32 x 240 px, 0.54 GB at batch 16 x 96 px).
+CPU_ACTIVATION_BYTES_PER_PIXEL = 2_750
 # A CUDA process maps its libraries and keeps a context in host memory. Not measured here
 # (no GPU was at hand): the allowance is generous, to be replaced by `make gpu-check`'s figure.
 CUDA_HOST_BYTES = 2_000_000_000
@@ -127,9 +128,10 @@ def plan_store(
 def available_host_memory(
     cgroup_root: Path = Path("/sys/fs/cgroup"), own_cgroups: Path = Path("/proc/self/cgroup")
 ) -> tuple[int, str]:
-    """(bytes this process's host may still use, where the figure came from): the memory
-    cgroup's limit less what the cgroup holds (its reclaimable file cache excepted), when
-    that is lower than the kernel's MemAvailable. cgroup v2 or v1, whichever is mounted."""
+    """(bytes the job may use on this host, where the figure came from): what this process
+    holds already, and what it may still take: the memory cgroup's limit less what the
+    cgroup holds (its reclaimable file cache excepted), or the kernel's MemAvailable when
+    that is lower. cgroup v2 or v1, whichever is mounted."""
     available, source = _mem_available(), "MemAvailable"
     for group, limit_name, usage_name, inactive_key in _memory_cgroups(cgroup_root, own_cgroups):
         limit = _read_int(group / limit_name)
@@ -140,7 +142,16 @@ def available_host_memory(
         headroom = max(limit - usage + inactive, 0)
         if headroom < available:
             available, source = headroom, f"cgroup limit {limit / GB:.2f} GB"
-    return available, source
+    return available + _own_resident_bytes(), source
+
+
+def _own_resident_bytes() -> int:
+    """This process's resident memory: already the job's, and counted in its workers' share."""
+    try:
+        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+    return resident_pages * os.sysconf("SC_PAGE_SIZE")
 
 
 def _memory_cgroups(root: Path, own_cgroups: Path) -> list[tuple[Path, str, str, str]]:

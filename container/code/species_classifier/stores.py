@@ -202,7 +202,7 @@ class JpegStore(_Store):
         for position in share:
             # Pillow releases the GIL while it decodes: the threads run in parallel.
             with Image.open(io.BytesIO(self.photo_bytes(rows[position]))) as image:
-                pixels = np.asarray(image.convert("RGB"))
+                pixels = np.asarray(image)  # RGB: the store encoded it from RGB pixels
             batch[position, : pixels.shape[0], : pixels.shape[1]] = pixels
 
     def _decode_on_gpu(self, rows: np.ndarray) -> torch.Tensor:
