@@ -81,6 +81,11 @@ def make_photos(folder: Path, count: int, unique: int) -> list[Path]:
     return paths
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -165,32 +170,54 @@ def epoch_rates(folder: Path, count: int, img_size: int, batch_size: int) -> dic
     other helpers' load weigh on neither alone."""
     paths = sorted(folder.glob("p*.jpg"), key=lambda p: int(p.stem[1:]))[:count]
     survey = survey_photos(paths, folder, img_size, 0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rates = {"uint8": (0.0, 0.0), "jpeg": (0.0, 0.0)}
     for way in ("uint8", "jpeg", "uint8", "jpeg"):
         store = build_store(survey, way, 0, None)
+        # On a GPU as `train` places them: uint8 in GPU memory, JPEG decoded by nvJPEG.
+        pixels = store.to_device(device) if way == "uint8" and device.type == "cuda" else store
+        if way == "jpeg":
+            store.decode_on(device)
         config = TrainingConfig(
             target_species=("x",), img_size=img_size, batch_size=batch_size, pretrained=False
         )
-        device = torch.device("cpu")
         trainer = FoldTrainer(build_model(NUM_CLASSES, False), config, device, NUM_CLASSES)
         labels = torch.randint(0, NUM_CLASSES, (len(store),))
-        data = FoldData(store, torch.from_numpy(store.sizes), labels, np.arange(len(store)), [])
-        criterion = torch.nn.CrossEntropyLoss()
+        data = FoldData(pixels, torch.from_numpy(store.sizes), labels, np.arange(len(store)), [])
+        criterion = torch.nn.CrossEntropyLoss().to(device)
         optimizer = torch.optim.Adam(parameter_groups(trainer.model, 1e-4))
-        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        scaler = torch.amp.GradScaler(device.type, enabled=trainer.precision == "fp16")
         started = time.perf_counter()
         trainer._train_epoch(data, criterion, optimizer, scaler, fold=1, epoch=1)
+        synchronize(device)
         epoch = len(store) / (time.perf_counter() - started)
         generator = torch.Generator().manual_seed(0)
         sizes = torch.from_numpy(store.sizes)
         row_batches = list(torch.arange(len(store)).split(batch_size))
         started = time.perf_counter()
-        for rows, pixels in zip(row_batches, read_batches(store, row_batches), strict=True):
-            augment(pixels, sizes[rows], img_size, generator)
+        for rows, batch in zip(row_batches, read_batches(pixels, row_batches), strict=True):
+            augment(batch.to(device), sizes[rows], img_size, generator)
+        synchronize(device)
         alone = len(store) / (time.perf_counter() - started)
         rates[way] = (max(epoch, rates[way][0]), max(alone, rates[way][1]))
         store.close()
     return rates
+
+
+def epoch_table(rates: dict, photos: int) -> list[str]:
+    where = "GPU" if torch.cuda.is_available() else "CPU"
+    lines = [
+        f"| store | epoch of {where} training, {photos} photos (best of 2) | batches alone "
+        "(read + augmentation) | epoch vs uint8 |",
+        "|---|---|---|---|",
+    ]
+    for way in ("uint8", "jpeg"):
+        epoch, alone = rates[way]
+        lines.append(
+            f"| {way} | {epoch:.1f} images/s | {alone:.0f} images/s "
+            f"| {100 * epoch / rates['uint8'][0]:.0f}% |"
+        )
+    return lines
 
 
 def main() -> None:
@@ -201,6 +228,11 @@ def main() -> None:
     parser.add_argument("--epoch-photos", type=int, default=192)
     parser.add_argument("--unique", type=int, default=300)
     parser.add_argument("--output", type=Path)
+    parser.add_argument(
+        "--epochs-only",
+        action="store_true",
+        help="only the epoch comparison (on the GPU where there is one: `make gpu-check`)",
+    )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -212,6 +244,13 @@ def main() -> None:
         return
 
     size, batch = args.img_size, args.batch_size
+    if args.epochs_only:
+        with tempfile.TemporaryDirectory(prefix="bench-stores-") as root:
+            paths = make_photos(Path(root) / "photos", args.epoch_photos, args.unique)
+            rates = epoch_rates(paths[0].parent, args.epoch_photos, size, batch)
+        lines = [f"Machine: {describe()}", "", *epoch_table(rates, args.epoch_photos)]
+        publish(lines, args.output, "Photo stores: epochs", __file__)
+        return
     with tempfile.TemporaryDirectory(prefix="bench-stores-") as root:
         folder = Path(root) / "photos"
         paths = make_photos(folder, max(args.counts), args.unique)
@@ -239,18 +278,7 @@ def main() -> None:
             f"| {one['peak_rss'] / 1e9:.2f} GB | {two['peak_rss'] / 1e9:.2f} GB "
             f"| {two['build_s']:.0f} s | {two['read_per_s']:,.0f} photos/s |"
         )
-    lines += [
-        "",
-        f"| store | epoch of CPU training, {args.epoch_photos} photos | batches alone "
-        "(read + augmentation) | epoch vs uint8 |",
-        "|---|---|---|---|",
-    ]
-    for way in ("uint8", "jpeg"):
-        epoch, alone = rates[way]
-        lines.append(
-            f"| {way} | {epoch:.1f} images/s | {alone:.0f} images/s "
-            f"| {100 * epoch / rates['uint8'][0]:.0f}% |"
-        )
+    lines += ["", *epoch_table(rates, args.epoch_photos)]
     sizes = ((16, 96), (32, 240))
     workers = {(b, s): run_child(args, "worker", str(s), str(b)) for b, s in sizes}
     added = {key: w["peak"] - w["base"] for key, w in workers.items()}
