@@ -1,7 +1,8 @@
 """The training engine: one fold, epoch by epoch, with no file I/O of its own.
 
-What makes it fast: photos are uint8 tensors already in memory (GPU memory when they
-fit, pinned host memory otherwise), each batch is augmented on the device in one warp,
+What makes it fast: photos are decoded already (a uint8 tensor in GPU memory when it
+fits, else a photo store that reads each batch, the next one ahead: stores.py), each batch
+is pinned for its copy to the GPU and augmented on the device in one warp,
 the model runs in bf16 (fp16 with a gradient scaler on GPUs without bf16, fp32 on CPU)
 and channels_last, the optimiser is fused, and losses stay on the device until the
 epoch ends so the GPU never waits for the host.
