@@ -108,6 +108,17 @@ def test_readable_photos_are_selected_without_copies_and_batches_keep_their_orde
     readable.close()
 
 
+def test_the_batched_torchvision_decode_fills_slots_as_pillow_does(photos):
+    """The path nvJPEG takes on a GPU, run on the CPU: same slots, same padding."""
+    paths, channel = photos
+    store = build_store(survey_photos(paths, channel, img_size=48, workers=2), "jpeg", 2)
+    rows = np.array([12, 0, 4])
+    batched, threaded = store.decode_batched(rows), store.read(rows)
+    assert batched.shape == threaded.shape and batched.dtype == torch.uint8
+    assert (batched.int() - threaded.int()).abs().max() <= 2  # libjpeg builds may round apart
+    assert batched[0, 30:].max() == 0 and batched[0, :, 40:].max() == 0
+
+
 # Measured bytes per photo at img_size 240 (docs/benchmarks/photo-stores-cpu.md), rounded up.
 AT_240 = {"uint8": 360_000, "jpeg": 40_000}
 

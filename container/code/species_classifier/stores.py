@@ -182,7 +182,7 @@ class JpegStore(_Store):
     def _start(self, rows: np.ndarray):
         """Begin decoding `rows`: (the batch being filled, its pending work)."""
         if self.device.type == "cuda":
-            return self._decode_on_gpu(rows), []
+            return self.decode_batched(rows), []
         batch = np.zeros((len(rows), *self.slot, 3), dtype=np.uint8)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="jpeg-store")
@@ -205,11 +205,12 @@ class JpegStore(_Store):
                 pixels = np.asarray(image)  # RGB: the store encoded it from RGB pixels
             batch[position, : pixels.shape[0], : pixels.shape[1]] = pixels
 
-    def _decode_on_gpu(self, rows: np.ndarray) -> torch.Tensor:
+    def decode_batched(self, rows: np.ndarray) -> torch.Tensor:
+        """The batch decoded by torchvision in one call on self.device: nvJPEG's batched
+        decode on a CUDA device (libjpeg on the CPU, which is how it is tested here)."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        encoded = [torch.frombuffer(self.photo_bytes(row), dtype=torch.uint8) for row in rows]
-        # One call for the whole batch: nvJPEG decodes a list in one batched pass.
+        encoded = [torch.from_numpy(np.array(self.photo_bytes(row))) for row in rows]
         decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
         batch = torch.zeros((len(rows), *self.slot, 3), dtype=torch.uint8, device=self.device)
         for position, image in enumerate(decoded):
