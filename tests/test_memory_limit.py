@@ -79,3 +79,17 @@ def test_thousands_of_photos_train_inside_a_limit_the_uint8_store_does_not_fit(
     peak = cgroup.peak()
     assert peak <= LIMIT
     summary(f"memory limit: 4,200 photos trained in {LIMIT / 1e9:.2f} GB, peak {peak / 1e9:.2f} GB")
+
+
+def test_a_job_that_cannot_fit_stops_before_decoding_in_one_line(tmp_path, cgroup):
+    base = make_job(tmp_path / "opt_ml", HYPERPARAMETERS, photos_per_species=30)
+    cgroup.limit(1_000_000_000)
+    result = cgroup.run([str(TRAIN)], train_env(base), timeout=600)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    failure = (base / "output" / "failure").read_text().strip()
+    assert "\n" not in failure
+    assert failure.startswith("210 photos need 1.4 GB of host memory as the jpeg photo store")
+    assert failure.endswith(
+        "GB is available: use an instance with more memory, a smaller img_size or fewer photos"
+    )
+    assert "photos decoded" not in result.stdout  # stopped before decoding
