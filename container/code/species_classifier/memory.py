@@ -129,7 +129,7 @@ def available_host_memory(
     cgroup_root: Path = Path("/sys/fs/cgroup"), own_cgroups: Path = Path("/proc/self/cgroup")
 ) -> tuple[int, str]:
     """(bytes the job may use on this host, where the figure came from): what this process
-    holds already, and what it may still take: the memory cgroup's limit less what the
+    holds already (its anonymous memory), and what it may still take: the memory cgroup's limit less what the
     cgroup holds (its reclaimable file cache excepted), or the kernel's MemAvailable when
     that is lower. cgroup v2 or v1, whichever is mounted."""
     available, source = _mem_available(), "MemAvailable"
@@ -146,12 +146,15 @@ def available_host_memory(
 
 
 def _own_resident_bytes() -> int:
-    """This process's resident memory: already the job's, and counted in its workers' share."""
+    """This process's own resident memory (RssAnon): already the job's, and counted in its
+    workers' share. Not its mapped libraries: their pages are shared page cache."""
     try:
-        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
     except (OSError, IndexError, ValueError):
-        return 0
-    return resident_pages * os.sysconf("SC_PAGE_SIZE")
+        pass
+    return 0
 
 
 def _memory_cgroups(root: Path, own_cgroups: Path) -> list[tuple[Path, str, str, str]]:
