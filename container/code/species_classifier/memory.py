@@ -28,8 +28,8 @@ GB = 1e9
 # scripts/bench_stores.py (docs/benchmarks/photo-stores-cpu.md): the `train` process with its
 # libraries, efficientnet_b1 and Adam (0.88 GB), rounded up...
 WORKER_BASE_BYTES = 1_000_000_000
-# ... and, training on the CPU, what a batch adds per input pixel of it (2,750 bytes: 5.2 GB
-# at batch 32 x 240 px, 0.54 GB at batch 16 x 96 px).
+# ... and, training on the CPU, what a batch adds per input pixel of it (2,700-2,750 bytes
+# measured: 5.1 GB at batch 32 x 240 px, 0.53 GB at batch 16 x 96 px).
 CPU_ACTIVATION_BYTES_PER_PIXEL = 2_750
 # A CUDA process maps its libraries and keeps a context in host memory. Not measured here
 # (no GPU was at hand): the allowance is generous, to be replaced by `make gpu-check`'s figure.
