@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from machine import describe, publish  # noqa: E402
 from sklearn.metrics import f1_score  # noqa: E402
 from species_classifier.augment import crop_boxes  # noqa: E402
-from species_classifier.cache import HEIGHT, ROWS, WIDTH, build_cache  # noqa: E402
+from species_classifier.cache import build_cache  # noqa: E402
 from species_classifier.contract.hyperparameters import TrainingConfig  # noqa: E402
 from species_classifier.dataset import label_photos, make_folds, read_rows  # noqa: E402
 from species_classifier.demo_data import (  # noqa: E402
@@ -42,6 +42,7 @@ from species_classifier.demo_data import (  # noqa: E402
 from species_classifier.imaging import decode_photo  # noqa: E402
 from species_classifier.model import build_model  # noqa: E402
 from species_classifier.state import FoldState  # noqa: E402
+from species_classifier.stores import HEIGHT, ROWS, WIDTH  # noqa: E402
 from species_classifier.trainer import FoldData, FoldTrainer  # noqa: E402
 
 CROP_DRAWS = 20  # crops drawn per photo for the geometry columns

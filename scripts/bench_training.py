@@ -39,11 +39,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from machine import describe, publish  # noqa: E402
 from PIL import Image  # noqa: E402
-from species_classifier.cache import PhotoCache, build_cache  # noqa: E402
+from species_classifier.cache import build_cache  # noqa: E402
 from species_classifier.contract.hyperparameters import TrainingConfig  # noqa: E402
 from species_classifier.demo_data import DEMO_TARGETS, make_demo_dataset  # noqa: E402
 from species_classifier.imaging import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from species_classifier.model import build_model, parameter_groups  # noqa: E402
+from species_classifier.stores import SlotStore  # noqa: E402
 from species_classifier.trainer import FoldData, FoldTrainer, choose_precision  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from torchvision import transforms  # noqa: E402
@@ -98,7 +99,7 @@ def bench_model_only(device, img_size, batch_size, steps, precision, compile_bac
 
 def bench_our_loop(
     device,
-    cache: PhotoCache,
+    cache: SlotStore,
     img_size,
     batch_size,
     epochs,
@@ -209,7 +210,7 @@ def make_job_channel(channel: Path, photos: int, unique_per_species: int) -> int
 
 
 EPOCH_LINE = re.compile(r"fold=(\d+) epoch=(\d+) .*epoch_s=([\d.]+)")
-DECODE_LINE = re.compile(r"photo cache: (\d+) photos decoded .* in ([\d.]+) s")
+DECODE_LINE = re.compile(r"photo store: (\d+) photos decoded .* in ([\d.]+) s")
 
 
 def bench_job(
@@ -244,7 +245,7 @@ def bench_job(
     epoch_seconds = [float(m[3]) for m in EPOCH_LINE.finditer(result.stdout)]
     decode = DECODE_LINE.search(result.stdout)
     if len(epoch_seconds) != folds * epochs or decode is None:
-        raise SystemExit(f"train's log lacks the epoch or photo cache lines:\n{result.stdout}")
+        raise SystemExit(f"train's log lacks the epoch or photo store lines:\n{result.stdout}")
     return {
         "seconds": seconds,
         "photos": photos,
@@ -329,7 +330,7 @@ def loop_table(device, precision, root: Path, backend, args, measured) -> list[s
     make_demo_dataset(root / "photos", max(1, min(16, args.photos // 7)), photo_size=500)
     unique = sorted((root / "photos" / "images").rglob("*.jpg"))
     decoded = build_cache(unique, root / "photos", args.img_size, workers=0)
-    cache = PhotoCache(
+    cache = SlotStore(
         np.resize(decoded.pixels, (args.photos, *decoded.pixels.shape[1:])),
         np.resize(decoded.sizes, (args.photos, 4)),
         {},

@@ -76,7 +76,7 @@ def test_the_slot_covers_most_photos_and_shrinks_the_odd_panorama(tmp_path, capl
     assert cache.pixels.shape[1:3] == (80, 107)
     assert cache.sizes[-1].tolist() == [300, 900, 36, 107]  # true size kept for the crop
     assert "1 photo(s) longer than 1.34:1 shrunk to fit" in caplog.text
-    assert "GB, 2.1x a cache squashed to 64x64" in caplog.text
+    assert "uint8, 0.01 GB (25680 bytes a photo)" in caplog.text
 
 
 def test_slot_shape_is_bounded():
@@ -99,4 +99,4 @@ def test_a_stored_cache_is_reused_with_its_sizes(tmp_path, mixed):
     assert again.readable.tolist() == [True, True, True, True, False]
     other_size = build_cache(mixed, tmp_path, img_size=32, workers=2, store_dir=store)
     assert other_size.pixels.shape[1] == 40
-    assert len(list(store.glob("photo-cache-*"))) == 2  # the 64 px cache was replaced
+    assert len(list(store.glob("photo-store-*"))) == 2  # the 64 px cache was replaced

@@ -1,8 +1,17 @@
-"""The resume store: folds and the refit each in their own files, round-tripped exactly."""
+"""The resume store: folds and the refit each in their own files, round-tripped exactly; a
+damaged job file set aside, damaged checkpoints named, a full disk said in one line."""
 
 from __future__ import annotations
 
+import dataclasses
+import errno
+import io
+import json
+import os
+
+import pytest
 import torch
+from species_classifier.atomic import NoSpaceLeft
 from species_classifier.checkpoint import CheckpointStore
 from species_classifier.state import EpochRecord, FoldState
 
@@ -55,3 +64,52 @@ def test_another_jobs_checkpoints_are_dropped(tmp_path):
     second = CheckpointStore(tmp_path, fingerprint="job-b")
     second.open()
     assert second.load_progress(1) is None and second.load_finished(None) is None
+
+
+def test_a_damaged_job_file_is_set_aside_and_the_job_starts_clean(tmp_path, caplog):
+    first = CheckpointStore(tmp_path, fingerprint="job-a")
+    first.open()
+    first.save_progress(state_after_one_epoch(1))
+    (tmp_path / "job.json").write_bytes(b"\x80\x81 not json")  # UnicodeDecodeError, as seen
+    again = CheckpointStore(tmp_path, fingerprint="job-a")
+    again.open()
+    assert (tmp_path / "job.json.damaged").read_bytes() == b"\x80\x81 not json"
+    assert "job.json is damaged (UnicodeDecodeError" in caplog.text
+    assert again.load_progress(1) is None  # nothing it cannot vouch for is resumed
+    assert json.loads((tmp_path / "job.json").read_text()) == {"fingerprint": "job-a"}
+
+
+def test_damaged_fold_checkpoints_are_named_for_the_report(tmp_path):
+    store = CheckpointStore(tmp_path, fingerprint="job-a")
+    store.open()
+    (tmp_path / "fold-2-done.pt").write_bytes(b"torn")
+    assert store.load_finished(2) is None and store.load_finished(1) is None
+    assert store.damaged == ["fold-2-done.pt"]
+
+
+def test_a_full_disk_names_the_folder_the_bytes_and_the_fix(tmp_path, monkeypatch):
+    store = CheckpointStore(tmp_path, fingerprint="job-a")
+    store.open()
+
+    def full(*_args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(NoSpaceLeft) as caught:
+        store.save_progress(state_after_one_epoch(1))
+    message = str(caught.value)
+    size = len(_serialised(state_after_one_epoch(1)))
+    assert message.startswith(f"{tmp_path} is full: writing checkpoint fold-1-progress.pt ")
+    assert f"needed {size:,} bytes with " in message
+    assert message.endswith(
+        "bytes free; free space there or give the job a larger volume (VolumeSizeInGB)"
+    )
+    assert not list(tmp_path.glob(".partial-*")) and not list(tmp_path.glob("fold-*"))
+
+
+def _serialised(state: FoldState) -> bytes:
+    buffer = io.BytesIO()
+    payload = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    payload["history"] = [dataclasses.asdict(r) for r in state.history]
+    torch.save(payload, buffer)
+    return buffer.getvalue()

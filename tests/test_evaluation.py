@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 
@@ -53,7 +54,7 @@ def channel(tmp_path):
 
 
 def _record(epoch: int, f1: float) -> EpochRecord:
-    return EpochRecord(epoch, 1.0 / epoch, 1.2 / epoch, f1, f1, 1e-4, 1.0, 100.0)
+    return EpochRecord(epoch, 1.0 / epoch, 1.2 / epoch, f1, f1, 1e-4, 1.0, 100.0, math.nan)
 
 
 def _folds():

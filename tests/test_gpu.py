@@ -114,7 +114,7 @@ def test_train_with_the_cache_in_pinned_host_memory_in_fp16(pristine, tmp_path, 
     update_hyperparameters(base, cache_device="cpu", precision="fp16")
     result = run_train(base)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "in pinned host memory" in result.stdout
+    assert "photo store: uint8 in host memory" in result.stdout
     assert settings(base)["precision"] == "fp16"
     losses = [
         r["train_loss"]

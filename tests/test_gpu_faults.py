@@ -17,7 +17,7 @@ import torch
 from job_helpers import failure_text, train_env
 from local_servers import free_port, wait_for_200
 from serving_helpers import make_bundle, photo, serve_env
-from species_classifier import distributed, ensemble, trainer
+from species_classifier import distributed, ensemble, stores, trainer
 from species_classifier.app import create_app
 from species_classifier.checkpoint import CheckpointStore
 from species_classifier.contract.hyperparameters import ConfigError
@@ -214,12 +214,13 @@ def test_compile_reaches_the_data_parallel_refit(monkeypatch, tmp_path):
 
 def test_batches_copy_the_epochs_rows_once_not_per_batch(monkeypatch):
     copies = []
-    real = trainer.to_device
-    monkeypatch.setattr(
-        trainer,
-        "to_device",
-        lambda tensor, device: copies.append(len(tensor)) or real(tensor, device),
-    )
+    real = stores.to_device
+    for module in (trainer, stores):
+        monkeypatch.setattr(
+            module,
+            "to_device",
+            lambda tensor, device: copies.append(len(tensor)) or real(tensor, device),
+        )
     fold_trainer = object.__new__(trainer.FoldTrainer)
     fold_trainer.device = torch.device("cpu")
     data = trainer.FoldData(

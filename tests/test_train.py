@@ -13,7 +13,7 @@ from species_classifier.train import Progress, read_config
 
 
 def epoch(number: int, seconds: float = 10.0) -> EpochRecord:
-    return EpochRecord(number, 0.5, 0.5, 0.5, 0.5, 1e-4, seconds, 100.0)
+    return EpochRecord(number, 0.5, 0.5, 0.5, 0.5, 1e-4, seconds, 100.0, 0.5)
 
 
 def etas(caplog) -> list[tuple[str, str]]:

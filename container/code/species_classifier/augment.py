@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from species_classifier.cache import COLS, HEIGHT, ROWS, WIDTH
+from species_classifier.stores import COLS, HEIGHT, ROWS, WIDTH, to_device
 
 CROP_SCALE = (0.8, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -127,14 +127,6 @@ def _place(
     linear = to_slot @ to_photo @ in_crop
     shift = (to_slot @ centre.unsqueeze(2)).squeeze(2) - 1
     return torch.cat([linear, shift.unsqueeze(2)], 2)
-
-
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`tensor` (on the CPU) on `device`; to a GPU from pinned memory, so the host does not
-    wait for the copy (from pageable memory it waits for the whole stream first)."""
-    if device.type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _warp(pixels: torch.Tensor, theta: torch.Tensor, img_size: int) -> torch.Tensor:

@@ -13,13 +13,14 @@ moment leaves the previous complete file, never a torn one.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 from pathlib import Path
 
 import torch
 
-from species_classifier.atomic import atomic_write
+from species_classifier.atomic import NoSpaceLeft, atomic_write, no_space_left
 from species_classifier.state import EpochRecord, FoldState, model_name
 
 _log = logging.getLogger(__name__)
@@ -31,14 +32,13 @@ class CheckpointStore:
     def __init__(self, directory: Path, fingerprint: str) -> None:
         self.directory = directory
         self.fingerprint = fingerprint
+        self.damaged: list[str] = []  # checkpoint files found unreadable, and trained again
 
     def open(self) -> None:
         """Create the folder; drop fold files that another job (other data or settings) left."""
         self.directory.mkdir(parents=True, exist_ok=True)
         job_file = self.directory / JOB_FILE
-        previous = (
-            json.loads(job_file.read_text()).get("fingerprint") if job_file.is_file() else None
-        )
+        previous = self._previous_fingerprint(job_file)
         if previous not in (None, self.fingerprint):
             _log.warning(
                 "checkpoints in %s belong to a different job (data or hyperparameters "
@@ -48,6 +48,28 @@ class CheckpointStore:
             for stale in [*self.directory.glob("fold-*.pt"), *self.directory.glob("refit-*.pt")]:
                 stale.unlink()
         _write_atomically(job_file, json.dumps({"fingerprint": self.fingerprint}).encode())
+
+    def _previous_fingerprint(self, job_file: Path) -> str | None:
+        """The fingerprint job.json names; a damaged job.json is set aside (as job.json.damaged)
+        and its fold files count as another job's, rather than failing every restart."""
+        if not job_file.is_file():
+            return None
+        try:
+            fingerprint = json.loads(job_file.read_text())["fingerprint"]
+            if isinstance(fingerprint, str):
+                return fingerprint
+            raise TypeError(f"fingerprint is {fingerprint!r}")
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+            aside = job_file.with_name(JOB_FILE + ".damaged")
+            job_file.replace(aside)
+            _log.warning(
+                "%s is damaged (%s: %s): set aside as %s, starting from scratch",
+                job_file,
+                type(error).__name__,
+                error,
+                aside.name,
+            )
+            return ""
 
     def save_progress(self, state: FoldState) -> None:
         self._save(self._path(state.fold, "progress"), state)
@@ -83,14 +105,21 @@ class CheckpointStore:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # noqa: BLE001 - any unreadable file means: start that fold over
             _log.warning("checkpoint %s is unreadable (%s): ignoring it", path, error)
+            self.damaged.append(path.name)
             return None
         payload["history"] = [EpochRecord(**r) for r in payload["history"]]
         return FoldState(**payload)
 
 
 def _write_atomically(path: Path, payload: object) -> None:
-    with atomic_write(path) as handle:
-        if isinstance(payload, bytes):
+    if not isinstance(payload, bytes):
+        # Serialised first, so a full disk is an OSError that knows the bytes it needed,
+        # not torch.save's "[enforce fail at inline_container.cc] unexpected pos".
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        payload = buffer.getvalue()
+    try:
+        with atomic_write(path) as handle:
             handle.write(payload)
-        else:
-            torch.save(payload, handle)
+    except NoSpaceLeft as error:
+        raise no_space_left(path.parent, len(payload), f"checkpoint {path.name}") from error

@@ -434,7 +434,8 @@ def render_report(
         "",
         f"Photos used: {metrics['photos']['used']}, left out as unreadable: "
         f"{metrics['photos']['skipped']}"
-        + (" (see skipped_images.csv)" if metrics["photos"]["skipped"] else ""),
+        + (" (see skipped_images.csv)" if metrics["photos"]["skipped"] else "")
+        + "".join(f"; damaged {n} trained again" for n in metrics.get("damaged_checkpoints", ())),
         "",
         _final_model_line(metrics["final_model"]),
         "",

@@ -7,7 +7,6 @@ needs to import the engine.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -24,9 +23,8 @@ class EpochRecord:
     seconds: float
     img_per_s: float
     # Macro-F1 of the training predictions on the epoch's augmented batches, as they were
-    # made (the weights changing along the epoch): no extra forward pass. NaN in checkpoints
-    # written before it was recorded.
-    train_macro_f1: float = math.nan
+    # made (the weights changing along the epoch): no extra forward pass.
+    train_macro_f1: float
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """`train`: the SageMaker training entry point, and the job's one failure boundary.
 
-Flow: hyperparameters -> labelled photos -> photo cache -> folds -> per fold: train with
+Flow: hyperparameters -> labelled photos -> photo store -> folds -> per fold: train with
 a checkpoint after every epoch (finished folds are skipped on restart) -> evaluation and
 report in output/data -> model bundle in model/. Any error ends in output/failure with a
 short, specific reason first (SageMaker shows its first 1024 characters as the job's
@@ -15,8 +15,10 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -30,7 +32,8 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from species_classifier import holdout
 from species_classifier.artifacts import BundleDescription, Member, write_bundle
-from species_classifier.cache import build_cache
+from species_classifier.atomic import NoSpaceLeft, is_full, no_space_left
+from species_classifier.cache import build_store, survey_photos
 from species_classifier.checkpoint import CheckpointStore
 from species_classifier.contract import metric_lines
 from species_classifier.contract.channel import find_csv
@@ -51,17 +54,22 @@ from species_classifier.dataset import (
 from species_classifier.distributed import Workers, join_process_group, launch, read_topology
 from species_classifier.evaluation import summarize, write_outputs, write_skipped
 from species_classifier.gpu import GpuUnusableError, check_host, out_of_memory_message
+from species_classifier.memory import (
+    StorePlan,
+    available_host_memory,
+    plan_store,
+    worker_bytes,
+)
 from species_classifier.model import WeightsMissingError, build_model
 from species_classifier.onnx_export import export_onnx
 from species_classifier.state import EpochRecord, FoldState
+from species_classifier.stores import JpegStore, SlotStore, open_store
 from species_classifier.trainer import FoldData, FoldTrainer, TrainingStopped, format_clock
 
 _log = logging.getLogger("species_classifier.train")
 
 EXIT_FAILED = 1
 EXIT_STOPPED = 128 + signal.SIGTERM
-# Keep the photo cache on the GPU only while it leaves this much of the free memory for training.
-GPU_CACHE_SHARE = 0.5
 
 
 class GpuOutOfMemoryError(RuntimeError):
@@ -91,6 +99,7 @@ def main() -> int:
         WeightsMissingError,
         GpuUnusableError,
         GpuOutOfMemoryError,
+        NoSpaceLeft,
     ) as error:
         return _fail(paths, str(error), EXIT_FAILED)
     except ChildFailedError as error:
@@ -100,6 +109,9 @@ def main() -> int:
         )
         return _fail(paths, f"worker rank {rank} failed: {message}", EXIT_FAILED, detail=str(error))
     except Exception as error:  # noqa: BLE001 - the job's failure boundary: report, never hang
+        if is_full(error):
+            reason = str(_full_disk(error, paths.base))
+            return _fail(paths, reason, EXIT_FAILED, detail=traceback.format_exc())
         reason = f"Unexpected error: {type(error).__name__}: {error}"
         return _fail(paths, reason, EXIT_FAILED, detail=traceback.format_exc())
     return 0
@@ -138,6 +150,17 @@ def _fail(paths: JobPaths, reason: str, code: int, detail: str = "") -> int:
     paths.failure_file.parent.mkdir(parents=True, exist_ok=True)
     paths.failure_file.write_text(reason + ("\n\n" + detail if detail else "") + "\n")
     return code
+
+
+def _full_disk(error: Exception, folder: Path) -> NoSpaceLeft:
+    """A full disk met outside the atomic writers, said as they say it; `folder` is where
+    the write went when the error does not name its file."""
+    if isinstance(error, NoSpaceLeft):
+        return error
+    filename = getattr(error, "filename", None)
+    if filename is None:
+        return no_space_left(folder, None, "a file")
+    return no_space_left(Path(filename).parent, None, Path(filename).name)
 
 
 def _resume_note(paths: JobPaths) -> str:
@@ -195,12 +218,21 @@ def run(paths: JobPaths, config: TrainingConfig, workers: Workers) -> None:
     except torch.OutOfMemoryError:
         message = out_of_memory_message("training", config.batch_size, cache_on_gpu)
         raise GpuOutOfMemoryError(message) from None
+    if workers.local_rank == 0:
+        # Training is over on every worker of this host: the scratch copy has served.
+        shutil.rmtree(scratch_dir(paths), ignore_errors=True)
+    damaged = workers.gather_to_leader(store.damaged)
     if not workers.is_leader:
         return
+    job_photos = dataclasses.replace(
+        job_photos, damaged_checkpoints=sorted(name for names in damaged for name in names)
+    )
     settings = {
         **config.to_dict(),
         "csv": job_photos.csv_name,
         "device": _device_name(device),
+        "cache_device": "gpu" if job_photos.plan.place == "gpu" else "cpu",
+        "photo_store": job_photos.plan.kind,
         "precision": trainer.precision,
         "workers": workers.world_size,
     }
@@ -219,10 +251,14 @@ class JobPhotos:
 
     csv_name: str
     photos: LabelledPhotos
-    pixels: torch.Tensor  # uint8 NHWC slots in photo order, where training reads it from
+    # uint8 NHWC slots in photo order: one tensor in GPU memory, or a store (stores.py)
+    # that reads batches of them from host memory
+    pixels: torch.Tensor | SlotStore | JpegStore
     sizes: torch.Tensor  # (N, 4) true height, width, stored rows, cols (cache.py), CPU
     skipped: int  # unreadable photos left out
     held_out: LabelledPhotos | None  # set aside before the folds (holdout_fraction), unread
+    plan: StorePlan  # which store, where, and why
+    damaged_checkpoints: list[str] = dataclasses.field(default_factory=list)  # trained again
 
     def fold_data(self, train_index: np.ndarray, val_index: np.ndarray) -> FoldData:
         labels = torch.from_numpy(self.photos.labels)
@@ -249,15 +285,18 @@ def load_photos(
     _log.info("%s: %d photos, classes %s", csv_path.name, len(photos.labels), photos.class_counts())
     check_class_sizes(photos, config.k_folds)
 
-    cache = _shared_cache(paths, config, photos, workers)
-    if cache.failures and workers.is_leader:
-        _report_unreadable(paths, photos, cache.failures)
-    readable = cache.readable
+    store, plan = _shared_store(paths, config, photos, workers, device)
+    if store.failures and workers.is_leader:
+        _report_unreadable(paths, photos, store.failures)
+    readable = store.readable
     photos = photos.subset(readable)
-    check_class_sizes(photos, config.k_folds, unreadable=len(cache.failures))
-    pixels = _place_cache(torch.from_numpy(cache.pixels[readable]), device, config.cache_device)
-    sizes = torch.from_numpy(cache.sizes[readable])
-    return JobPhotos(csv_path.name, photos, pixels, sizes, len(cache.failures), held_out)
+    check_class_sizes(photos, config.k_folds, unreadable=len(store.failures))
+    store = store.select(readable)
+    pixels = store.to_device(device) if plan.place == "gpu" else store
+    if plan.decode == "cuda":
+        store.decode_on(device)
+    sizes = torch.from_numpy(store.sizes)
+    return JobPhotos(csv_path.name, photos, pixels, sizes, len(store.failures), held_out, plan)
 
 
 def train_own_folds(
@@ -370,6 +409,7 @@ def publish(
         seed=config.seed,
         min_precision=config.min_precision,
     )
+    metrics["damaged_checkpoints"] = job_photos.damaged_checkpoints
     _log.info(
         "%s",
         metric_lines.job_line(
@@ -381,12 +421,31 @@ def publish(
     # The portable copy, checked on photos the model did not train on where there are any.
     export_onnx(paths.model_dir, (held_out if held_out is not None else photos).paths)
     # The bundle is written first: the holdout is scored by it, exactly as `serve` loads it.
-    scored = (
-        None if held_out is None else holdout.score(paths.model_dir, held_out, channel, config.seed)
-    )
-    write_outputs(
-        paths.output_data_dir, metrics, finished, fold_indices, photos, channel, settings, scored
-    )
+    try:
+        scored = (
+            None
+            if held_out is None
+            else holdout.score(paths.model_dir, held_out, channel, config.seed)
+        )
+        write_outputs(
+            paths.output_data_dir,
+            metrics,
+            finished,
+            fold_indices,
+            photos,
+            channel,
+            settings,
+            scored,
+        )
+    except Exception as error:
+        if not is_full(error):
+            raise
+        # The model is whole in model/: the job is not lost for a report it could not finish.
+        _log.error(
+            "report incomplete, model complete in %s: %s",
+            paths.model_dir,
+            _full_disk(error, paths.output_data_dir),
+        )
 
 
 def _grouping_note(group_by: str, asked: str) -> str:
@@ -400,21 +459,66 @@ def _grouping_note(group_by: str, asked: str) -> str:
     return f"group_by {group_by} ({how}): no {group_by} is split between folds or the holdout"
 
 
-def _shared_cache(paths, config, photos, workers: Workers):
-    """One decode per host: its first worker builds the cache, the others load what it stored."""
-
-    def build():
-        return build_cache(
-            photos.paths,
-            paths.training_channel,
-            config.img_size,
-            config.decode_workers,
-            paths.checkpoint_dir,
+def _shared_store(paths, config, photos, workers: Workers, device: torch.device):
+    """One store per host, planned from the memory there before decoding: its first worker
+    builds it (or reopens a previous run's), the others open the files it wrote."""
+    survey = survey_photos(
+        photos.paths, paths.training_channel, config.img_size, config.decode_workers
+    )
+    if config.cache_device == "gpu" and device.type != "cuda":
+        _log.warning(
+            "cache_device=gpu, but this machine has no GPU: the photo store stays in host memory"
         )
-
-    cache = build() if workers.local_rank == 0 else None
+    available, source = available_host_memory()
+    free_gpu = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    per_host = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    per_worker = worker_bytes(device.type, config.batch_size, config.img_size)
+    plan = plan_store(
+        survey.count,
+        survey.bytes_per_photo,
+        available,
+        free_gpu,
+        per_host,
+        per_worker,
+        config.photo_store,
+        config.cache_device,
+    )
+    if workers.local_rank == 0:
+        _log.info(
+            "%s; %.0f bytes a photo as uint8, %.0f as jpeg (from a sample); memory from %s; "
+            "%d worker(s) of %.2f GB",
+            plan.describe(survey.count),
+            survey.bytes_per_photo["uint8"],
+            survey.bytes_per_photo["jpeg"],
+            source,
+            per_host,
+            per_worker / 1e9,
+        )
+    store_dir = store_home(paths, plan, survey.photo_bytes)
+    store = (
+        build_store(survey, plan.kind, config.decode_workers, store_dir)
+        if workers.local_rank == 0
+        else None
+    )
     workers.barrier()
-    return cache or build()
+    if store is None:
+        store = open_store(store_dir, survey.key, plan.kind, config.decode_workers)
+    return store, plan
+
+
+def store_home(paths: JobPaths, plan: StorePlan, photo_bytes: int) -> Path:
+    """The checkpoint folder, which SageMaker restores on a spot restart, for a store smaller
+    than the photos (reading it back beats decoding again: docs/benchmarks/photo-stores-cpu.md);
+    else scratch space in /tmp, out of the folder SageMaker uploads while the job runs."""
+    if plan.kind == "jpeg" and plan.store_bytes < photo_bytes:
+        return paths.checkpoint_dir
+    return scratch_dir(paths)
+
+
+def scratch_dir(paths: JobPaths) -> Path:
+    """The job's folder in /tmp: one per base folder, so jobs side by side keep apart."""
+    digest = hashlib.sha256(str(paths.base.resolve()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"species-classifier-{digest}"
 
 
 def _report_unreadable(paths: JobPaths, photos: LabelledPhotos, failures: dict[int, str]) -> None:
@@ -430,27 +534,6 @@ def _report_unreadable(paths: JobPaths, photos: LabelledPhotos, failures: dict[i
         skipped[0][0],
         skipped[0][2],
     )
-
-
-def _place_cache(pixels: torch.Tensor, device: torch.device, preference: str) -> torch.Tensor:
-    """GPU memory when it fits comfortably (or is asked for), else (pinned) host memory."""
-    if device.type != "cuda" or preference == "cpu":
-        where = "pinned host memory" if device.type == "cuda" else "host memory"
-        _log.info("photo cache: %.2f GB in %s", pixels.nbytes / 1e9, where)
-        return pixels.pin_memory() if device.type == "cuda" else pixels
-    free, _ = torch.cuda.mem_get_info(device)
-    budget = free * GPU_CACHE_SHARE
-    if preference == "gpu" or pixels.nbytes <= budget:
-        _log.info(
-            "photo cache: %.2f GB in GPU memory (budget %.2f GB)", pixels.nbytes / 1e9, budget / 1e9
-        )
-        return pixels.to(device)
-    _log.info(
-        "photo cache: %.2f GB exceeds the GPU budget of %.2f GB: pinned host memory",
-        pixels.nbytes / 1e9,
-        budget / 1e9,
-    )
-    return pixels.pin_memory()
 
 
 def _fingerprint(config: TrainingConfig, photos: LabelledPhotos, channel) -> str:

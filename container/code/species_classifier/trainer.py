@@ -1,7 +1,8 @@
 """The training engine: one fold, epoch by epoch, with no file I/O of its own.
 
-What makes it fast: photos are uint8 tensors already in memory (GPU memory when they
-fit, pinned host memory otherwise), each batch is augmented on the device in one warp,
+What makes it fast: photos are decoded already (a uint8 tensor in GPU memory when it
+fits, else a photo store that reads each batch, the next one ahead: stores.py), each batch
+is pinned for its copy to the GPU and augmented on the device in one warp,
 the model runs in bf16 (fp16 with a gradient scaler on GPUs before Ampere, fp32 on CPU)
 and channels_last, the optimiser is fused, and losses stay on the device until the
 epoch ends so the GPU never waits for the host.
@@ -29,12 +30,13 @@ import torch.nn.functional as F
 from sklearn.metrics import f1_score
 from torch import nn
 
-from species_classifier.augment import augment, resize_whole, to_device
+from species_classifier.augment import augment, resize_whole
 from species_classifier.contract.hyperparameters import TrainingConfig
 from species_classifier.gpu import training_precision
 from species_classifier.imaging import normalize
 from species_classifier.model import base_learning_rate, parameter_groups, reset_head
 from species_classifier.state import EpochRecord, FoldState
+from species_classifier.stores import read_batches, to_device
 
 _log = logging.getLogger(__name__)
 
@@ -56,7 +58,7 @@ def epoch_seed(seed: int, fold: int, epoch: int) -> int:
 
 @dataclass(frozen=True)
 class FoldData:
-    pixels: torch.Tensor  # the whole photo cache, uint8 slots NHWC, on its storage device
+    pixels: torch.Tensor  # uint8 slots NHWC on the device, or a photo store (stores.py)
     sizes: torch.Tensor  # (N, 4) int true height, width, stored rows, cols (cache.py), CPU
     labels: torch.Tensor  # int64, same order, on the CPU
     train_index: np.ndarray
@@ -267,14 +269,12 @@ class FoldTrainer:
         and every copy to the GPU starts from pinned memory, so the host queues ahead."""
         index_t = torch.as_tensor(index)[order]
         pin = data.pixels.device.type == "cpu" and self.device.type == "cuda"
-        rows_on_cache = to_device(index_t, data.pixels.device)
         bounds = [*range(0, len(index_t), batch_size), len(index_t)]
         if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
             # A lone last photo would break batch norm in training: it joins the batch before.
             del bounds[-2]
-        for start, stop in itertools.pairwise(bounds):
-            rows = index_t[start:stop]
-            pixels = data.pixels[rows_on_cache[start:stop]]
+        row_batches = [index_t[start:stop] for start, stop in itertools.pairwise(bounds)]
+        for rows, pixels in zip(row_batches, read_batches(data.pixels, row_batches), strict=True):
             if pin:
                 pixels = pixels.pin_memory()
             yield (

@@ -27,6 +27,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 CACHE_DEVICES = ("auto", "gpu", "cpu")
 FINAL_MODELS = ("ensemble", "refit")
 GROUP_BYS = ("auto", "observation", "observer", "none")
+PHOTO_STORES = ("auto", "uint8", "jpeg")
 
 
 class ConfigError(ValueError):
@@ -56,6 +57,7 @@ class TrainingConfig:
     holdout_fraction: float = 0.0
     group_by: str = "auto"
     min_precision: float = 0.95
+    photo_store: str = "auto"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -81,6 +83,7 @@ _CHOICES = {
     "cache_device": CACHE_DEVICES,
     "final_model": FINAL_MODELS,
     "group_by": GROUP_BYS,
+    "photo_store": PHOTO_STORES,
 }
 _IGNORED_PREFIXES = ("sagemaker_", "_")
 
