@@ -42,7 +42,7 @@ import numpy as np
 import requests
 import torch
 from machine import describe
-from species_classifier.artifacts import load_members, read_description
+from species_classifier.bundle import load_members, read_description
 from species_classifier.demo_data import make_demo_dataset, make_random_bundle
 from species_classifier.onnx_export import export_onnx
 

@@ -14,7 +14,7 @@ import torch
 from local_servers import free_port, wait_for_200
 from photos import encode
 from PIL import Image
-from species_classifier.artifacts import load_members, read_description
+from species_classifier.bundle import load_members, read_description
 from species_classifier.demo_data import DEMO_CLASSES, make_random_bundle
 from species_classifier.imaging import decode_photo, normalize
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 from scipy.special import softmax
-from species_classifier.artifacts import BundleError, read_description
+from species_classifier.bundle import BundleError, read_description
 from species_classifier.calibration import (
     Calibration,
     apply_temperature,

@@ -28,7 +28,7 @@ from job_helpers import (
     update_hyperparameters,
 )
 from local_servers import free_port
-from species_classifier.artifacts import load_members, read_description
+from species_classifier.bundle import load_members, read_description
 from species_classifier.distributed import (
     LOOPBACK_ADDRESS,
     Topology,

@@ -17,12 +17,12 @@ import torch
 from job_helpers import failure_text, train_env
 from local_servers import free_port, wait_for_200
 from serving_helpers import make_bundle, photo, serve_env
-from species_classifier import distributed, ensemble, stores, trainer
+from species_classifier import distributed, engine, stores, trainer
 from species_classifier.app import create_app
 from species_classifier.checkpoint import CheckpointStore
 from species_classifier.contract.hyperparameters import ConfigError
 from species_classifier.distributed import Workers
-from species_classifier.ensemble import Ensemble, build_forward, cuda_graph_forward
+from species_classifier.engine import Ensemble, build_forward, cuda_graph_forward
 from species_classifier.predictor import Batcher
 from species_classifier.train import train_own_folds
 
@@ -95,13 +95,13 @@ def test_a_failing_dtype_measurement_serves_float32_instead_of_killing_the_worke
     monkeypatch, caplog
 ):
     monkeypatch.setattr(
-        ensemble, "_dtype_candidates", lambda _device: [torch.bfloat16, torch.float32]
+        engine, "_dtype_candidates", lambda _device: [torch.bfloat16, torch.float32]
     )
 
     def out_of_memory(*_args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
 
-    monkeypatch.setattr(ensemble, "_seconds_per_call", out_of_memory)
+    monkeypatch.setattr(engine, "_seconds_per_call", out_of_memory)
     with caplog.at_level(logging.WARNING):
         built = build_forward(_ensemble(), torch.device("cpu"), 16, 2, engine="eager")
     assert built.dtype == torch.float32
@@ -114,11 +114,11 @@ def test_the_eager_fallback_leaves_cudnn_benchmarking_off(monkeypatch):
     def capture_fails(_device):
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(ensemble, "CudaGraphs", capture_fails)
-    forward, _dtype, engine = cuda_graph_forward(
+    monkeypatch.setattr(engine, "CudaGraphs", capture_fails)
+    forward, _dtype, chosen = cuda_graph_forward(
         _ensemble().eval(), torch.device("cpu"), 16, 4, "auto", False
     )
-    assert engine == "eager (graph capture failed)"
+    assert chosen == "eager (graph capture failed)"
     assert torch.backends.cudnn.benchmark is False
     assert forward(torch.zeros((3, 16, 16, 3), dtype=torch.uint8)).shape == (1, 3, 4)
 

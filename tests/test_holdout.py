@@ -12,7 +12,7 @@ from job_helpers import run_train
 from serving_helpers import CLASSES, make_bundle, photo
 from sklearn.metrics import f1_score
 from species_classifier import holdout
-from species_classifier.artifacts import read_description
+from species_classifier.bundle import read_description
 from species_classifier.calibration import expected_calibration_error
 from species_classifier.contract.hyperparameters import ConfigError, parse_hyperparameters
 from species_classifier.dataset import DatasetError, LabelledPhotos

@@ -221,7 +221,7 @@ def test_a_failed_export_is_one_warning_and_the_bundle_still_serves(
     assert not (model_dir / ONNX_FILE).exists()
     assert not json.loads((model_dir / "model.json").read_text())["onnx"]
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="species_classifier.ensemble"):
+    with caplog.at_level(logging.WARNING, logger="species_classifier.engine"):
         predictor = Predictor(model_dir, cpu_threads=1, engine="onnx")
     assert predictor.built.engine == "eager"
     assert [record.message for record in caplog.records] == [

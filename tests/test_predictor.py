@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 from serving_helpers import CLASSES, make_bundle, photo
-from species_classifier.artifacts import BundleError, load_members, read_description
-from species_classifier.ensemble import (
+from species_classifier.bundle import BundleError, load_members, read_description
+from species_classifier.engine import (
     PADDED_SIZES,
     Ensemble,
     PaddedBatches,
@@ -112,7 +112,7 @@ def test_padded_batches_run_the_smallest_size_that_holds_the_batch(model_dir, pi
 def test_a_failed_graph_capture_serves_eager_with_one_log_line(model_dir, pixels, caplog):
     model = ensemble(model_dir)
     # Without a GPU the capture fails at its first CUDA call, as a broken driver would.
-    with caplog.at_level(logging.WARNING, logger="species_classifier.ensemble"):
+    with caplog.at_level(logging.WARNING, logger="species_classifier.engine"):
         forward, dtype, engine = cuda_graph_forward(
             model, torch.device("cpu"), IMG_SIZE, 8, engine="auto", compile_model=False
         )
@@ -132,7 +132,7 @@ def test_a_cpu_candidate_that_fails_is_left_out_with_one_log_line(
     # torch.compile compiles on the first call: stand in for a compile that fails then.
     monkeypatch.setattr(torch, "compile", lambda model: broken)
     model = ensemble(model_dir)
-    with caplog.at_level(logging.WARNING, logger="species_classifier.ensemble"):
+    with caplog.at_level(logging.WARNING, logger="species_classifier.engine"):
         forward, _, engine = cpu_forward(model, IMG_SIZE, 16, engine="eager", compile_model=True)
     assert engine.startswith("eager (measured at batch 4: eager ")
     assert [record.message for record in caplog.records] == [

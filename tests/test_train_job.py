@@ -11,7 +11,7 @@ import pytest
 import torch
 from job_helpers import failure_text, run_train, write_hyperparameters
 from photos import cmyk_jpeg, exif_rotated_jpeg, greyscale_jpeg, sixteen_bit_png, truncated_jpeg
-from species_classifier.artifacts import load_members, read_description
+from species_classifier.bundle import load_members, read_description
 from species_classifier.contract import metric_lines
 from species_classifier.demo_data import pretrain_stand_in_weights
 

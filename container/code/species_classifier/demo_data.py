@@ -202,7 +202,7 @@ def make_random_bundle(model_dir: Path, img_size: int = 64, members: int = 3) ->
     efficientnet_b1 members with random weights, a different seed per member."""
     import torch  # imported here: writing a demo dataset needs no torch
 
-    from species_classifier.artifacts import BundleDescription, Member, write_bundle
+    from species_classifier.bundle import BundleDescription, Member, write_bundle
     from species_classifier.model import build_model
 
     names = [Member(f"fold-{k}", f"fold-{k}.pt") for k in range(1, members + 1)]

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from species_classifier.artifacts import load_members, read_description, write_description
 from species_classifier.atomic import PARTIAL_PREFIX
-from species_classifier.ensemble import Ensemble
+from species_classifier.bundle import load_members, read_description, write_description
+from species_classifier.engine import Ensemble
 from species_classifier.imaging import PhotoError, decode_photo
 from species_classifier.onnx_runtime import (
     INPUT,

@@ -7,7 +7,7 @@ ImageNet normalisation is inside the graph), and two float32 outputs: `probabili
 `member_probabilities` (members x N x classes, each member's softmax(logits / temperature),
 what `fold_details` reports). Classes are in model.json's order.
 
-Used by the CPU serving engine (ensemble.py) and the offline `species-classify`
+Used by the CPU serving engine (engine.py) and the offline `species-classify`
 (classify.py). Torch-free; onnxruntime is imported when a session is opened.
 """
 

@@ -2,7 +2,7 @@
 
 `Predictor` owns the model on its device: it reads model.json (classes, input size,
 normalisation, temperature: no second copy of those constants), builds the ensemble's
-fastest forward function for the device once (ensemble.py: ONNX Runtime among the CPU
+fastest forward function for the device once (engine.py: ONNX Runtime among the CPU
 candidates where the bundle has a checked model.onnx), and turns a list of decoded
 photos into the seed's answer per photo (answers.py, shared with species-classify).
 `Batcher` owns the queue between request threads and the model: each request thread
@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from species_classifier.answers import build_answers
-from species_classifier.artifacts import load_members, read_description
-from species_classifier.ensemble import Ensemble, build_forward
+from species_classifier.bundle import load_members, read_description
+from species_classifier.engine import Ensemble, build_forward
 from species_classifier.gpu import is_sticky_cuda_error
 from species_classifier.imaging import PhotoError, decode_photo
 from species_classifier.onnx_runtime import ONNX_FILE

@@ -6,7 +6,7 @@ before forking, so a missing or broken bundle stops the server at once with one 
 log line and a non-zero exit, not a loop of crashing workers. Each worker (gthread: many
 request threads, one batching thread) then loads the bundle onto its own device, builds
 its fastest forward function there (CUDA graphs captured, or the faster CPU form
-measured: ensemble.py) and warms it up before it accepts a connection, so /ping answers
+measured: engine.py) and warms it up before it accepts a connection, so /ping answers
 200 only once the model is ready. SIGTERM is gunicorn's graceful stop: requests in flight
 finish, within the 30 s SageMaker leaves before SIGKILL.
 """
@@ -29,7 +29,7 @@ import torch
 from gunicorn.app.base import BaseApplication
 
 from species_classifier.app import create_app
-from species_classifier.artifacts import BundleError, load_members, read_description
+from species_classifier.bundle import BundleError, load_members, read_description
 from species_classifier.contract.serving import ServerConfigError, ServingEnvironment
 from species_classifier.gpu import GpuUnusableError, check_host
 from species_classifier.predictor import (

@@ -31,8 +31,8 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from species_classifier import holdout
-from species_classifier.artifacts import BundleDescription, Member, write_bundle
 from species_classifier.atomic import NoSpaceLeft, is_full, no_space_left
+from species_classifier.bundle import BundleDescription, Member, write_bundle
 from species_classifier.cache import build_store, survey_photos
 from species_classifier.checkpoint import CheckpointStore
 from species_classifier.contract import metric_lines
