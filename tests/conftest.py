@@ -88,3 +88,15 @@ def s3_front(collector_s3):
     front.reset()
     yield front
     front.reset()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module's in-process forward passes: on a shared 2-core
+    machine, spinning OpenMP threads make every forward pass slow."""
+    import torch  # here, not at the top: OMP_WAIT_POLICY must be set before torch loads
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

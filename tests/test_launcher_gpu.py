@@ -5,26 +5,14 @@ creates something. Against moto, every request checked against botocore's servic
 from __future__ import annotations
 
 import json
-import logging
 
 import aws_validation
 import boto3
 import pytest
-from local_servers import moto_server
-from moto.core import DEFAULT_ACCOUNT_ID
+from launcher_helpers import BUCKET, SETTINGS, local_aws
 from species_classifier import gpu
 from species_tools.launcher import cli
 
-REGION = "us-east-1"
-BUCKET = "species-gpu-test"
-IMAGE = f"{DEFAULT_ACCOUNT_ID}.dkr.ecr.{REGION}.amazonaws.com/species-classifier:gpu"
-ROLE_ARN = f"arn:aws:iam::{DEFAULT_ACCOUNT_ID}:role/SpeciesClassifierSageMaker"
-SETTINGS = {
-    "SPECIES_ROLE_ARN": ROLE_ARN,
-    "SPECIES_BUCKET": BUCKET,
-    "SPECIES_IMAGE": IMAGE,
-    "AWS_DEFAULT_REGION": REGION,
-}
 MODEL_DATA = f"s3://{BUCKET}/models/v1/model.tar.gz"
 CREATES = {"PutObject", "CreateTrainingJob", "CreateModel", "CreateEndpointConfig"}
 CREATES |= {"CreateEndpoint", "CreateTransformJob", "CreateHyperParameterTuningJob"}
@@ -32,25 +20,9 @@ CREATES |= {"CreateEndpoint", "CreateTransformJob", "CreateHyperParameterTuningJ
 
 @pytest.fixture(scope="module")
 def aws(tmp_path_factory):
-    home = tmp_path_factory.mktemp("home")
-    werkzeug = logging.getLogger("werkzeug")
-    level = werkzeug.level
-    werkzeug.setLevel(logging.ERROR)
-    with moto_server(REGION) as local, pytest.MonkeyPatch.context() as patch:
-        env = {
-            **local,
-            "AWS_CONFIG_FILE": str(home / "aws-config"),
-            "AWS_SHARED_CREDENTIALS_FILE": str(home / "aws-credentials"),
-            "HOME": str(home),
-        }
-        for name, value in env.items():
-            patch.setenv(name, value)
-        for name in ("AWS_PROFILE", "AWS_REGION", "SPECIES_CONFIG"):
-            patch.delenv(name, raising=False)
-        boto3.client("s3").create_bucket(Bucket=BUCKET)
-        boto3.client("s3").put_object(Bucket=BUCKET, Key="batch/photos/a.jpg", Body=b"photo")
-        yield boto3.client("sagemaker")
-    werkzeug.setLevel(level)
+    with local_aws(tmp_path_factory.mktemp("home")) as local:
+        local.s3.put_object(Bucket=BUCKET, Key="batch/photos/a.jpg", Body=b"photo")
+        yield local.sagemaker
 
 
 class Recorder:

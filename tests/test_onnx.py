@@ -21,19 +21,12 @@ from species_classifier.onnx_export import CHECK_TOLERANCE, export_onnx
 from species_classifier.onnx_runtime import ONNX_FILE
 from species_classifier.predictor import Predictor
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 IMG_SIZE = 64
 MEMBERS = 2
 # Photos of several shapes and formats: landscape, portrait, large, square PNG, greyscale.
 PHOTO_SHAPES = [(96, 72), (50, 120), (640, 480), (64, 64)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On a shared 2-core machine spinning OpenMP threads make every forward pass slow.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

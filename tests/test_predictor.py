@@ -27,18 +27,11 @@ from species_classifier.engine import (
 )
 from species_classifier.predictor import Predictor
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 IMG_SIZE = 32
 # Frozen graphs fold batch norm into the convolutions and use other kernels: float noise.
 SAME_ANSWER_TOLERANCE = 1e-4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On a shared 2-core machine spinning OpenMP threads make every forward pass slow.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
