@@ -275,9 +275,11 @@ class S3Front:
         handler.send_header("Connection", "close")
         handler.end_headers()
         sent = body if cut is None else body[:cut]
+        record.body_bytes = len(sent)
+        # Recorded before the client can have its answer: a test that goes on as soon as its
+        # request returns must find it recorded (and a reset after it must clear it).
+        with self._lock:
+            self.requests.append(record)
         handler.wfile.write(sent)
         handler.wfile.flush()
         handler.close_connection = True
-        record.body_bytes = len(sent)
-        with self._lock:
-            self.requests.append(record)
