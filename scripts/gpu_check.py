@@ -68,6 +68,7 @@ class Sizes:
 
     training: str
     job: str
+    stores: str
     serving: str
     concurrency: tuple[int, ...]
 
@@ -75,6 +76,7 @@ class Sizes:
 GPU_SIZES = Sizes(
     training="--img-size 240 --batch-size 256 --photos 4096 --epochs 3 --seed-photos 1024",
     job="--img-size 240 --batch-size 256 --job-photos 6000 --job-folds 3 --job-epochs 3",
+    stores="--epochs-only --epoch-photos 1024 --unique 300 --img-size 240 --batch-size 256",
     serving="--requests 200 --members 3 --img-size 240 --photo-size 500 --engines auto",
     concurrency=(1, 8, 64),
 )
@@ -82,12 +84,20 @@ DRY_SIZES = Sizes(
     training="--img-size 32 --batch-size 4 --photos 8 --epochs 1 --steps 1 --seed-photos 8 "
     "--compile-backend eager",
     job="--img-size 32 --batch-size 8 --job-photos 35 --job-folds 2 --job-epochs 1",
+    stores="--epochs-only --epoch-photos 16 --unique 8 --img-size 32 --batch-size 8",
     serving="--requests 4 --members 1 --img-size 32 --photo-size 100 --engines auto",
     concurrency=(1, 2),
 )
 # Seconds per stage on the GPU: together they keep the run within BUDGET_S. The dry run
 # gets more, for a loaded CPU.
-GPU_LIMITS = {"gpu-tests": 180, "multi-gpu": 60, "training": 150, "job": 60, "serving": 80}
+GPU_LIMITS = {
+    "gpu-tests": 170,
+    "multi-gpu": 60,
+    "training": 130,
+    "job": 60,
+    "stores": 40,
+    "serving": 80,
+}
 DRY_LIMIT_S = 900
 
 
@@ -191,6 +201,7 @@ class Check:
                 "training", self.bench("training.md", "--skip-job", *self.sizes.training.split())
             )
             self.stage("job", self.bench("job.md", "--skip-loops", *self.sizes.job.split()))
+            self.stage("stores", self.stores_command())
             self.serving()
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -250,6 +261,13 @@ class Check:
     def bench(self, table: str, *arguments: str) -> list[str]:
         script = SCRIPTS / "bench_training.py"
         return [sys.executable, str(script), "--output", str(self.out / table), *arguments]
+
+    def stores_command(self) -> list[str]:
+        """bench_stores.py's epoch comparison: the uint8 store in GPU memory against JPEG slots
+        decoded by nvJPEG per batch (#22 asks for at least 90%)."""
+        script = SCRIPTS / "bench_stores.py"
+        return [sys.executable, str(script), "--output", str(self.out / "stores.md"),
+                *self.sizes.stores.split()]  # fmt: skip
 
     def serving(self) -> None:
         """bench_serving.py once per concurrency; its tables joined into serving.md."""
@@ -363,6 +381,15 @@ def headline(name: str, output: str, status: str) -> str:
     if name == "training":
         rows = re.findall(r"\| ([^|]+) \| ([^|]+) \| ([\d,.]+) \| (\d+%) \| ([\d.]+x) \|", output)
         return "; ".join(f"{w.strip()} {m.strip()}: {r} img/s ({c})" for w, m, r, c, _ in rows)
+    if name == "stores":
+        rows = dict(re.findall(r"^\| (uint8|jpeg) \| ([\d.]+) images/s \|", output, re.M))
+        percent = re.search(r"^\| jpeg \|[^\n]*\| (\d+)% \|", output, re.M)
+        if len(rows) == 2 and percent:
+            return (
+                f"jpeg epochs at {percent[1]}% of uint8 ({rows['jpeg']} vs {rows['uint8']} "
+                "images/s)"
+            )
+        return status
     if name == "job":
         measured = re.search(r"\| measured \| (\d+) \| ([^|]+) \| (\d+) \|", output)
         projected = re.search(r"\| projected \| (\d+) \| ([^|]+) \| ([^|]+) \|", output)

@@ -104,6 +104,7 @@ def test_the_dry_run_runs_every_stage_and_writes_what_a_gpu_run_writes(wheels, t
         "multi-gpu": "skipped",
         "training": "passed",
         "job": "passed",
+        "stores": "passed",
         "serving": "passed",
     }, summary
     assert "needs a CUDA GPU: torch sees none" in summary
@@ -112,9 +113,17 @@ def test_the_dry_run_runs_every_stage_and_writes_what_a_gpu_run_writes(wheels, t
         r"our training loop, `compile=true` compiled \(eager\): [\d.,]+ img/s", summary
     )
     assert re.search(r"projected 20000 photos, 2 x 20: \d+", summary)
+    assert re.search(r"jpeg epochs at \d+% of uint8 \([\d.]+ vs [\d.]+ images/s\)", summary)
     assert re.search(r"c=2: ours [\d.]+ req/s", summary)
     assert "wheels: 9 wheels and 1 source package(s)" in summary
     # What the device tool brings back: at most 8 plain files, names it accepts.
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["check.log", "job.md", "serving.md", "summary.md", "training.md"], files
+    assert files == [
+        "check.log",
+        "job.md",
+        "serving.md",
+        "stores.md",
+        "summary.md",
+        "training.md",
+    ], files
     assert all(re.fullmatch(r"[A-Za-z0-9._-]+", name) for name in files)
